@@ -1,0 +1,68 @@
+# Sandrun: `make run` serves on 127.0.0.1:8443, `make test` runs the suite.
+# Both install what they need on a fresh Debian 12 machine, as root.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+# Debian's own python3: the venv must live outside any private home directory
+# tree and match the interpreters the jail exposes from /usr.
+PYTHON := /usr/bin/python3
+VENV := .venv
+APT_PACKAGES := bash gcc libcap-dev libseccomp2 python3-dev python3-venv
+HTTP_USER := sandrun
+
+## Setup -------------------------------------------------------------------------
+
+.PHONY: setup
+setup: $(VENV)/.installed  ## Install apt packages, the HTTP user and the venv
+
+.apt.installed:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if ! command -v node >/dev/null; then missing="$$missing nodejs"; fi; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -q; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	touch $@
+
+.PHONY: user
+user:
+	getent group $(HTTP_USER) >/dev/null || groupadd --system $(HTTP_USER)
+	getent passwd $(HTTP_USER) >/dev/null || useradd --system --gid $(HTTP_USER) --no-create-home \
+		--home-dir /nonexistent --shell /usr/sbin/nologin $(HTTP_USER)
+
+$(VENV)/.installed: .apt.installed requirements.txt requirements-dev.txt | user
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+## Run and test --------------------------------------------------------------------
+
+.PHONY: run
+run: setup  ## Serve on 127.0.0.1:8443 (SANDRUN_* variables override settings)
+	exec $(VENV)/bin/gunicorn -c gunicorn.conf.py sandrun:app
+
+.PHONY: check
+check: setup  ## Prove this host can jail jobs, as the server does at start
+	$(VENV)/bin/python sandrun.py check
+
+.PHONY: test
+test: setup  ## Run the whole suite against a real server and the real jail
+	$(VENV)/bin/python -m pytest -p no:cacheprovider tests/
+
+.PHONY: lint
+lint: setup  ## Compile every file and validate the gunicorn config
+	$(VENV)/bin/python -m py_compile sandrun.py gunicorn.conf.py tests/*.py
+	$(VENV)/bin/gunicorn --check-config -c gunicorn.conf.py sandrun:app
+
+## Housekeeping ------------------------------------------------------------------
+
+.PHONY: clean
+clean:  ## Remove the venv and stamps
+	rm -rf $(VENV) .apt.installed
+
+.PHONY: help
+help:  ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
