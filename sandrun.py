@@ -630,7 +630,7 @@ def _unpack_zip(writer, fileobj, what):
                 if info.file_size > 4096:
                     raise http_error(400, "unsafe link", f"{label} {json.dumps(info.filename)[:300]}: link target too long")
                 writer.add_symlink(info.filename, archive.read(info).decode("utf-8", "replace"), label)
-            elif mode and not stat.S_ISREG(mode):
+            elif stat.S_IFMT(mode) not in (0, stat.S_IFREG):  # 0: the archiver recorded no file type
                 raise http_error(400, "unsafe member", f"{label} {json.dumps(info.filename)[:300]}: devices, FIFOs and sockets are not allowed")
             else:
                 with archive.open(info) as member:
@@ -1292,9 +1292,16 @@ class JailSpec:
 class JailHandle:
     """The runner's side of one running jail."""
 
-    def __init__(self, pid, pidfd, stdout_r, stderr_r, setup, go_w):
+    def __init__(self, pid, pidfd, stdout_r, stderr_r, setup, go_w, status_r):
         self.pid, self.pidfd = pid, pidfd
-        self.stdout_r, self.stderr_r, self.setup, self.go_w = stdout_r, stderr_r, setup, go_w
+        self.stdout_r, self.stderr_r, self.setup, self.go_w, self.status_r = stdout_r, stderr_r, setup, go_w, status_r
+
+
+class JailEnds:
+    """The children's ends of the runner's pipes and socket."""
+
+    def __init__(self, stdout_w, stderr_w, go_r, setup, status_w):
+        self.stdout_w, self.stderr_w, self.go_r, self.setup, self.status_w = stdout_w, stderr_w, go_r, setup, status_w
 
 
 def jail_spawn(spec):
@@ -1303,15 +1310,19 @@ def jail_spawn(spec):
     stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
     setup_parent, setup_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ends = JailEnds(stdout_w, stderr_w, go_r, setup_child, status_w)
     c1 = os.fork()
     if c1 == 0:
         try:
-            os.close(go_w)  # so that C2 sees EOF on go_r when the runner dies
-            _jail_c1(spec, stdout_w, stderr_w, pid_w, go_r, setup_child)
+            for fd in (go_w, stdout_r, stderr_r, status_r, pid_r):
+                os.close(fd)  # so that EOF on each pipe means what it should
+            setup_parent.close()
+            _jail_c1(spec, ends, pid_w)
         finally:
             os._exit(EXIT_JAIL_FAILED)
-    for fd in (stdout_w, stderr_w, pid_w, go_r):
+    for fd in (stdout_w, stderr_w, pid_w, go_r, status_w):
         os.close(fd)
     setup_child.close()
     data = os.read(pid_r, 4)
@@ -1322,16 +1333,25 @@ def jail_spawn(spec):
             message = setup_parent.recv(4096, socket.MSG_DONTWAIT).decode(errors="replace")
         except BlockingIOError:
             message = f"C1 exited with status {status}"
-        for fd in (stdout_r, stderr_r, go_w):
+        for fd in (stdout_r, stderr_r, go_w, status_r):
             os.close(fd)
         setup_parent.close()
         raise JailError(message.removeprefix("E"))
     (pid,) = struct.unpack("i", data)
     pidfd = os.pidfd_open(pid)
     os.write(go_w, b"g")  # C1 is reaped: C2 is our child now and may arm its death signal
-    for fd in (stdout_r, stderr_r):
+    for fd in (stdout_r, stderr_r, status_r):
         os.set_blocking(fd, False)
-    return JailHandle(pid, pidfd, stdout_r, stderr_r, setup_parent, go_w)
+    return JailHandle(pid, pidfd, stdout_r, stderr_r, setup_parent, go_w, status_r)
+
+
+def jail_job_status(handle, init_status):
+    """Runner: the job's wait status as its init reported it, else the init's own (killed from outside)."""
+    try:
+        data = os.read(handle.status_r, 4)
+    except BlockingIOError:
+        data = b""
+    return struct.unpack("i", data)[0] if len(data) == 4 else init_status
 
 
 def _jail_report(setup, step, exc):
@@ -1340,7 +1360,7 @@ def _jail_report(setup, step, exc):
     setup.send(text.encode(errors="replace"))
 
 
-def _jail_c1(spec, stdout_w, stderr_w, pid_w, go_r, setup):
+def _jail_c1(spec, ends, pid_w):
     """C1: root, host namespaces. Joins the cgroup, unshares, forks pid 1 of the job."""
     step = "cgroup join"
     try:
@@ -1356,32 +1376,35 @@ def _jail_c1(spec, stdout_w, stderr_w, pid_w, go_r, setup):
         if pid == 0:
             try:
                 os.close(pid_w)
-                jail_enter(spec, stdout_w, stderr_w, go_r, setup)
+                jail_enter(spec, ends)
             finally:
                 os._exit(EXIT_JAIL_FAILED)
         os.write(pid_w, struct.pack("i", pid))
         os._exit(0)
     except Exception as exc:
-        _jail_report(setup, step, exc)
+        _jail_report(ends.setup, step, exc)
         raise
 
 
-def jail_enter(spec, stdout_w, stderr_w, go_r, setup):
+def jail_enter(spec, ends):
     """C2: pid 1 of the job's namespaces, root until the drop. Never returns.
 
     One step per line, in the order the security argument needs. On any
-    failure the runner is told which step failed and nothing runs.
+    failure the runner is told which step failed and nothing runs. C2 ends
+    as the jail's init (jail_init): the job itself is its child C3, so the
+    job has ordinary signal semantics and its orphans are reaped.
     """
     step = "start"
+    setup = ends.setup
     try:
         step = "wait for runner"
         # The runner writes once it has reaped C1, so our parent is now the runner.
-        if os.read(go_r, 1) != b"g":
+        if os.read(ends.go_r, 1) != b"g":
             raise JailError("runner went away")
         step = "death signal"
         # If the runner dies, the kernel kills pid 1 and with it the whole job.
         prctl.set_pdeathsig(signal.SIGKILL)
-        if select_readable(go_r):
+        if select_readable(ends.go_r):
             raise JailError("runner died before the death signal was armed")
         step = "private mounts"
         # Otherwise mounts below could propagate back to the host (systemd makes / shared).
@@ -1457,20 +1480,48 @@ def jail_enter(spec, stdout_w, stderr_w, go_r, setup):
         for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        step = "file descriptors"
-        # Only stdin, stdout and stderr cross execve (and the setup socket, which is close-on-exec).
-        _jail_fds(stdin_fd, stdout_w, stderr_w, setup.fileno())
         step = "seccomp"
-        # Last: every step above needs calls the filter denies.
+        # Last but for the fork and execve: every step above needs calls the filter denies.
+        # Loaded here, in pid 1, so the init that outlives the job is confined too.
         seccomp_load(spec.bpf)
         if _proc_status("Seccomp") != "2":
             raise JailError("Seccomp reads back " + _proc_status("Seccomp"))
-        step = "execve"
-        os.execve(spec.argv[0], spec.argv, spec.env)
+        step = "fork the job"
+        pid = os.fork()
+        if pid == 0:
+            step = "file descriptors"
+            # Only stdin, stdout and stderr cross execve (and the setup socket, which is close-on-exec).
+            _jail_fds(stdin_fd, ends.stdout_w, ends.stderr_w, setup.fileno())
+            step = "execve"
+            os.execve(spec.argv[0], spec.argv, spec.env)
     except BaseException as exc:
         _jail_report(setup, step, exc)
+        os._exit(EXIT_JAIL_FAILED)
+    try:
+        jail_init(pid, ends, stdin_fd)
     finally:
         os._exit(EXIT_JAIL_FAILED)
+
+
+def jail_init(job_pid, ends, stdin_fd):
+    """C2 after the fork: the jail's init, unprivileged and under seccomp.
+
+    Holds nothing of the job's: closes its ends of the output pipes and the
+    setup socket (so the runner sees EOF when the job execs), reaps every
+    child, and when the job ends hands its wait status to the runner and
+    exits, which makes the kernel kill whatever the job left running.
+    """
+    import gc
+
+    gc.disable()  # a collection would touch, and copy, the runner's inherited pages
+    for fd in (ends.stdout_w, ends.stderr_w, ends.go_r, stdin_fd):
+        os.close(fd)
+    ends.setup.close()
+    while True:
+        pid, status = os.waitpid(-1, 0)
+        if pid == job_pid:
+            os.write(ends.status_w, struct.pack("i", status))
+            os._exit(0)
 
 
 def select_readable(fd):
@@ -1660,7 +1711,8 @@ def host_check(cgroups, bpf):
     try:
         cgroups.create(name, manifest["memory_mb"] * MiB)
         handle = jail_spawn(JailSpec(name, manifest, payload_fd, cgroups, bpf))
-        _, status = os.waitpid(handle.pid, 0)
+        _, init_status = os.waitpid(handle.pid, 0)
+        status = jail_job_status(handle, init_status)
         message = b""
         while True:
             chunk, fds, _, _ = socket.recv_fds(handle.setup, 4096, 1)
@@ -1669,7 +1721,7 @@ def host_check(cgroups, bpf):
             if not chunk:
                 break
             message = chunk if chunk.startswith(b"E") else message
-        for fd in (handle.pidfd, handle.stdout_r, handle.stderr_r, handle.go_w):
+        for fd in (handle.pidfd, handle.stdout_r, handle.stderr_r, handle.go_w, handle.status_r):
             os.close(fd)
         handle.setup.close()
         if message:
@@ -1958,7 +2010,8 @@ class Runner:
 
     def _on_exit(self, job):
         h = job.handle
-        _, status = os.waitpid(h.pid, 0)
+        _, init_status = os.waitpid(h.pid, 0)
+        status = jail_job_status(h, init_status)
         self.selector.unregister(h.pidfd)
         # pid 1 is gone, so is every process of the job: the pipes hold their last bytes.
         for fd, stream in ((h.stdout_r, 1), (h.stderr_r, 2)):
@@ -2050,7 +2103,7 @@ class Runner:
             for fileobj in (h.stdout_r, h.stderr_r, h.pidfd, h.setup):
                 if self.selector.get_map().get(fileobj if isinstance(fileobj, int) else fileobj.fileno()):
                     self.selector.unregister(fileobj)
-            for fd in (h.stdout_r, h.stderr_r, h.pidfd):
+            for fd in (h.stdout_r, h.stderr_r, h.pidfd, h.status_r):
                 os.close(fd)
             h.setup.close()
             if h.go_w is not None:
@@ -2533,6 +2586,11 @@ def state_prepare():
     """Master: a fresh, size-capped tmpfs state directory with its layout and owners."""
     global _STATE_MOUNTED
     os.makedirs(STATE_DIR, 0o755, exist_ok=True)
+    parent = os.path.dirname(STATE_DIR)
+    while parent != "/":
+        if not os.stat(parent).st_mode & stat.S_IXOTH:
+            raise HostError(f"the HTTP workers cannot reach {STATE_DIR}: {parent} is not searchable by others")
+        parent = os.path.dirname(parent)
     if not _is_mount_point(STATE_DIR, "tmpfs"):
         mount_tmpfs(STATE_DIR, f"size={STATE_TMPFS_BYTES},mode=0755", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         _STATE_MOUNTED = True
@@ -2687,6 +2745,11 @@ def server_stop():
         if not select.select([pidfd], [], [], 10)[0]:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             select.select([pidfd], [], [], 5)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            log.info("event=keeper_reaped_by_gunicorn")
+        os.close(pidfd)
     if _CGROUPS is not None:
         _CGROUPS.release()
     if _STATE_MOUNTED:

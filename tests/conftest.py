@@ -1,0 +1,208 @@
+"""One real server per configuration: gunicorn with the real config on loopback.
+
+Nothing is mocked: jobs run in the real jail on this kernel. Teardown proves
+nothing leaked: no process of the server or of a job, no mount under the
+state directory, no job cgroup, no state entry.
+"""
+
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import sandrun  # noqa: E402  (only for constants; the server runs in its own process)
+
+JOB_UID = 61000
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, env_overrides, name):
+        self.workdir = tempfile.mkdtemp(prefix=f"sandrun-{name}-")
+        os.chmod(self.workdir, 0o755)  # the unprivileged HTTP workers must reach the state dir
+        self.state_dir = os.path.join(self.workdir, "state")
+        self.port = _free_port()
+        self.env = {**os.environ, "SANDRUN_STATE_DIR": self.state_dir, "SANDRUN_BIND": f"127.0.0.1:{self.port}", **env_overrides}
+        self.log_path = os.path.join(self.workdir, "server.log")
+
+    def start(self):
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [os.path.join(ROOT, ".venv/bin/gunicorn"), "-c", "gunicorn.conf.py", "sandrun:app"],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                shutil.rmtree(self.workdir)
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                status, _, body = self.request("GET", "/health")
+                if status == 200:
+                    return self
+            except OSError:
+                pass  # not listening yet
+            time.sleep(0.1)
+        output = self.output()
+        self.stop()
+        raise AssertionError(f"server did not become healthy:\n{output}")
+
+    def output(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")[-6000:]
+
+    def stop(self):
+        """SIGTERM to the master only, as an operator would; then check for leftovers."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        finally:
+            self.log.close()
+        leaks = leftovers(self)
+        shutil.rmtree(self.workdir)
+        assert not leaks, f"leaked after shutdown: {leaks}\n{self.output() if os.path.exists(self.log_path) else ''}"
+
+    # HTTP ------------------------------------------------------------------
+
+    def request(self, method, path, body=None, headers=None, source="127.0.0.1", timeout=90):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout, source_address=(source, 0))
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def json(self, method, path, doc=None, source="127.0.0.1", headers=None):
+        body = json.dumps(doc).encode() if doc is not None else None
+        hdrs = {"Content-Type": "application/json", **(headers or {})} if doc is not None else headers
+        status, headers, data = self.request(method, path, body, hdrs, source)
+        return status, headers, json.loads(data) if data else None
+
+    def submit_code(self, code, interpreter="python3", wait=60, source="127.0.0.1", **manifest):
+        status, headers, doc = self.json("POST", f"/submit?wait={wait}", {"code": code, "interpreter": interpreter, **manifest}, source)
+        assert status in (200, 202), (status, doc)
+        return doc
+
+    def submit_files(self, files, manifest, wait=60, source="127.0.0.1"):
+        """files: [(filename, bytes)]; manifest: dict or raw string."""
+        body, ctype = multipart({"manifest": manifest if isinstance(manifest, str) else json.dumps(manifest)}, files)
+        return self.request("POST", f"/submit?wait={wait}", body, {"Content-Type": ctype}, source)
+
+    def run(self, code, interpreter="python3", **manifest):
+        """Submit, wait for the end, return (status doc, logs doc)."""
+        doc = self.submit_code(code, interpreter, **manifest)
+        doc = self.wait(doc["job_id"]) if doc["status"] not in ("completed", "failed") else doc
+        _, _, logs = self.json("GET", f"/logs/{doc['job_id']}")
+        return doc, logs
+
+    def wait(self, job_id, seconds=60):
+        deadline = time.monotonic() + seconds + 30
+        while time.monotonic() < deadline:
+            status, _, doc = self.json("GET", f"/status/{job_id}?wait=60")
+            assert status == 200, (status, doc)
+            if doc["status"] in ("completed", "failed"):
+                return doc
+        raise AssertionError(f"job {job_id} did not finish")
+
+
+def multipart(fields, files):
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for name, value in fields.items():
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode())
+        out.write(value.encode() if isinstance(value, str) else value)
+        out.write(b"\r\n")
+    for filename, data in files:
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{filename}"\r\n'
+                  f"Content-Type: application/octet-stream\r\n\r\n".encode())
+        out.write(data)
+        out.write(b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def make_tar(members, mode="w:gz"):
+    """members: [(name, kind, data_or_target)] with kind in file, dir, symlink, hardlink, fifo, chr."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            info.mode = 0o644
+            if kind == "file":
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
+                         "fifo": tarfile.FIFOTYPE, "chr": tarfile.CHRTYPE}[kind]
+            if kind in ("symlink", "hardlink"):
+                info.linkname = data
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def leftovers(server):
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        found += [line.split()[4] for line in f if line.split()[4].startswith(server.workdir)]
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = f.read()
+            pgid = os.getpgid(int(pid))
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited while we looked
+        uid = int(status.split("Uid:")[1].split()[0])
+        if pgid == server.proc.pid or uid == JOB_UID:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                found.append(f"process {pid} uid={uid} {f.read()[:200]!r}")
+    tag = "sandrun-" + __import__("hashlib").sha256(server.state_dir.encode()).hexdigest()[:8]
+    for root, dirs, _ in os.walk("/sys/fs/cgroup"):
+        found += [os.path.join(root, d) for d in dirs if d == tag or d.startswith(f"job-{tag}")]
+        dirs[:] = [d for d in dirs if d != tag]
+    if os.path.isdir(server.state_dir) and os.listdir(server.state_dir):
+        found.append(f"state entries {os.listdir(server.state_dir)}")
+    return found
+
+
+#: Generous client quotas so the suite's many jobs from 127.0.0.1 are not rate limited;
+#: the rate-limit tests use their own server with the defaults.
+SUITE_ENV = {
+    "SANDRUN_RATE_JOBS_PER_HOUR": "100000", "SANDRUN_RATE_CONCURRENT_JOBS": "64",
+    "SANDRUN_RATE_CPU_S_PER_MIN": "100000", "SANDRUN_MAX_QUEUED": "50",
+}
+
+
+@pytest.fixture(scope="session")
+def server():
+    srv = Server(SUITE_ENV, "suite").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def default_server():
+    """Default limits, except results expire after 3 s so expiry can be watched."""
+    srv = Server({"SANDRUN_RESULT_TTL_S": "3"}, "defaults").start()
+    yield srv
+    srv.stop()
