@@ -302,8 +302,8 @@ def _field(doc, name, kind, default):
     if value is default:
         return value
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = " or ".join(k.__name__.replace("str", "string").replace("float", "number") for k in kinds)
-        raise http_error(400, "invalid manifest", f"'{name}' must be {names}")
+        names = {str: "a string", int: "an integer", list: "an array", dict: "an object", (int, float): "a number"}
+        raise http_error(400, "invalid manifest", f"'{name}' must be {names[kind]}")
     return value
 
 
@@ -969,7 +969,7 @@ SECCOMP_ALLOW = sorted("""
     get_robust_list getcpu getcwd getdents getdents64 getegid geteuid getgid getgroups getitimer
     getpeername getpgid getpgrp getpid getppid getpriority getrandom getresgid getresuid getrlimit
     getrusage getsid getsockname getsockopt gettid gettimeofday getuid getxattr inotify_add_watch
-    inotify_init inotify_init1 inotify_rm_watch ioctl kill lchown lgetxattr link linkat listen
+    inotify_init inotify_init1 inotify_rm_watch kill lchown lgetxattr link linkat listen
     listxattr llistxattr lseek lstat madvise mbind membarrier memfd_create mincore mkdir mkdirat mknod mknodat
     mlock mlock2 mmap mprotect mremap msgctl msgget msgrcv msgsnd msync munlock munmap nanosleep newfstatat
     open openat openat2 pause pidfd_open pidfd_send_signal pipe pipe2 pkey_alloc pkey_free pkey_mprotect
@@ -1013,7 +1013,7 @@ SECCOMP_DENY = {
 #: socket() and socketpair() families allowed; the job's netns holds only its own loopback.
 #: AF_VSOCK, AF_PACKET and AF_NETLINK are not (fully) namespaced, so they get EAFNOSUPPORT.
 SOCKET_FAMILIES = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
-TIOCSTI, TIOCLINUX = 0x5412, 0x541C  # <asm-generic/ioctls.h>: inject terminal input, console control
+TIOCSTI = 0x5412  # <asm-generic/ioctls.h>: push bytes into a terminal's input queue
 
 
 def seccomp_build():
@@ -1026,9 +1026,13 @@ def seccomp_build():
         f.add_rule(sc.ALLOW, name)
     for name in sorted(SECCOMP_DENY):
         f.add_rule(sc.ERRNO(errno.EPERM), name)
-    # ioctl: the request is an int; compare 32 bits so high bits cannot smuggle TIOCSTI (CVE-2019-10063).
-    for request in (TIOCSTI, TIOCLINUX):
-        f.add_rule(sc.ERRNO(errno.EPERM), "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
+    # ioctl: allowed unless the request's low 32 bits (all the kernel reads) are TIOCSTI, so high
+    # bits cannot smuggle it past (CVE-2019-10063). libseccomp lets an unconditional ALLOW shadow
+    # a conditional deny, so "not TIOCSTI" is spelled as "some bit differs": one rule per bit.
+    for bit in range(32):
+        mask = 1 << bit
+        f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.MASKED_EQ, mask, ~TIOCSTI & mask))
+    f.add_rule(sc.ERRNO(errno.EPERM), "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, TIOCSTI))
     # clone: threads and processes only; any namespace flag is an escape attempt.
     f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_NEW_ALL, 0))
     for flag in (CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWTIME):
@@ -1759,6 +1763,14 @@ def _open_beneath(parts, flags=_DIR):
         os.close(fd)
 
 
+def _remove_beneath(dir_fd, name):
+    """Remove a file, link or tree from a hostile directory without following anything."""
+    if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
 def _read_untrusted(dir_fd, name, limit):
     """A regular file's bytes from a hostile directory, or OSError."""
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -1776,7 +1788,7 @@ class Job:
         self.id, self.client, self.manifest, self.created_ts = job_id, client, manifest, created_ts
         self.started_ts = time.time()
         self.started = time.monotonic()
-        self.deadline = self.started + manifest["timeout"]
+        self.deadline = self.started + (manifest["timeout"] if manifest else 0)
         self.handle = None
         self.payload_fd = None
         self.work_fd = None
@@ -1900,17 +1912,21 @@ class Runner:
                     return None
                 name = names[0]
                 match = _QUEUE_ENTRY.match(name)
-                job = None
-                if match:
-                    job = self._claim_entry(queue_fd, name, match.group(2))
-                shutil.rmtree(name, dir_fd=queue_fd)
-                return job
+                try:
+                    return self._claim_entry(queue_fd, name, match.group(2)) if match else None
+                finally:
+                    # Whatever it held, the entry goes: a poisoned one must not stall the queue.
+                    _remove_beneath(queue_fd, name)
             finally:
                 os.close(queue_fd)
 
     def _claim_entry(self, queue_fd, name, job_id):
-        entry_fd = os.open(name, _DIR, dir_fd=queue_fd)
+        if os.path.lexists(state_path("runner", "jobs", job_id)):
+            log.error("job=%s event=duplicate_queue_entry", job_id)  # only a forged entry can repeat an id
+            return None
+        entry_fd = None
         try:
+            entry_fd = os.open(name, _DIR, dir_fd=queue_fd)
             request = _json_strict(_read_untrusted(entry_fd, "request.json", 2 * MANIFEST_MAX_BYTES), "request")
             manifest = manifest_parse(request.get("manifest"), code_form=False)
             if not _CLIENT_NAME.match(str(request.get("client"))) or not isinstance(request.get("created_ts"), float):
@@ -1924,7 +1940,8 @@ class Runner:
             job = Job(job_id, "0" * 32, None, time.time())
             job.setup_error = "the queued request was malformed"
         finally:
-            os.close(entry_fd)
+            if entry_fd is not None:
+                os.close(entry_fd)
         os.mkdir(state_path("runner", "jobs", job_id), 0o755)
         self._write_status(job, "running")
         return job

@@ -52,8 +52,10 @@ class Server:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                output = self.output()
+                self.log.close()
                 shutil.rmtree(self.workdir)
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{output}")
             try:
                 status, _, body = self.request("GET", "/health")
                 if status == 200:

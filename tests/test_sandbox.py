@@ -1,0 +1,193 @@
+"""Classes B, C, E, F and H of research/peers.md §8, against the real jail.
+
+The escape table runs tests/probes/escape.py inside one job; every row has
+an exact expected answer, and the allowed twins prove the jail is not
+simply broken.
+"""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+PROBE = os.path.join(os.path.dirname(__file__), "probes", "escape.py")
+
+EXPECTED = {
+    "mount": "EPERM", "umount2": "EPERM", "unshare_user": "EPERM", "unshare_net": "EPERM",
+    "clone_newuser": "EPERM", "clone_newns": "EPERM", "setns": "EPERM", "ptrace_traceme": "EPERM",
+    "keyctl": "EPERM", "add_key": "EPERM", "bpf": "EPERM", "perf_event_open": "EPERM",
+    "userfaultfd": "EPERM", "io_uring_setup": "EPERM", "open_by_handle_at": "EPERM", "chroot": "EPERM",
+    "pivot_root": "EPERM", "setuid_root": "EPERM", "personality": "EPERM",
+    "tiocsti": "EPERM", "tiocsti_high_bits": "EPERM",
+    "socket_vsock": "EAFNOSUPPORT", "socket_packet": "EAFNOSUPPORT", "socket_netlink": "EAFNOSUPPORT",
+    "clone3": "ENOSYS", "kcmp": "ENOSYS",
+    "read_shadow": "ENOENT", "read_host_root_home": "ENOENT", "write_usr": "EROFS", "write_root": "EROFS",
+    "write_etc_passwd": "EROFS", "write_proc_sys": "EROFS", "create_in_dev": "EROFS", "mknod_char_device": "EPERM",
+    "connect_host_server": "ECONNREFUSED",
+    "thread": "ok", "fork": "ok", "socket_unix": "ok", "socket_inet6": "ok", "loopback_inside": "ok",
+    "ioctl_fionread": "ok", "write_work": "ok", "write_tmp": "ok", "write_dev_shm": "ok", "write_dev_null": "ok",
+    "read_etc_passwd": "ok", "mkfifo_tmp": "ok",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def probe(server):
+    with open(PROBE, "rb") as f:
+        code, _, body = server.submit_files([("escape.py", f.read())], {"entrypoint": "escape.py", "args": [str(server.port)]})
+    doc = json.loads(body)
+    _, _, logs = server.json("GET", f"/logs/{doc['job_id']}")
+    assert doc["status"] == "completed", (doc, logs)
+    return json.loads(logs["stdout"])
+
+
+@pytest.mark.parametrize("row", sorted(EXPECTED))
+def test_escape_table(probe, row):
+    assert probe[row] == EXPECTED[row], f"{row}: got {probe[row]}, want {EXPECTED[row]}"
+
+
+def test_identity_and_privileges_read_back(probe):
+    status = probe["status"]
+    assert status["Uid"].split() == ["61000"] * 4 and status["Gid"].split() == ["61000"] * 4 and status["Groups"] == ""
+    for field in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[field], 16) == 0, (field, status[field])
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+
+
+def test_namespaces_hide_the_host(probe):
+    assert probe["pids"] == [1, 2], probe["pids"]  # the jail's init and the job itself
+    assert probe["interfaces"] == ["lo"] and probe["hostname"] == "sandbox"
+    assert probe["root"] == ["bin", "dev", "etc", "lib", "lib64", "proc", "sbin", "tmp", "usr", "work"]
+    mounts = probe["mounts"]
+    assert "ro" in mounts["/usr"].split(",") and "nosuid" in mounts["/usr"].split(",")
+    assert "ro" in mounts["/"].split(",") and "rw" in mounts["/work"].split(",")
+
+
+def test_jobs_cannot_see_each_other(server):
+    """Class F: two jobs at once; the second looks for every trace of the first."""
+    first = server.submit_code(
+        "import os, socket, time\nopen('/tmp/secret', 'w').write('s'); open('/dev/shm/secret', 'w').write('s')\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind('\\0sandrun-test'); s.listen()\nprint('ready', flush=True); time.sleep(5)",
+        wait=0,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        _, _, logs = server.json("GET", f"/logs/{first['job_id']}")
+        if logs["stdout"] == "ready\n":
+            break
+        time.sleep(0.05)
+    doc, logs = server.run(
+        "import os, socket\nprint(os.listdir('/tmp'), os.listdir('/dev/shm'), sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
+        "s = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect('\\0sandrun-test'); print('connected')\nexcept OSError as e: print(e.errno)"
+    )
+    assert logs["stdout"] == "[] [] [1, 2]\n111\n", logs  # 111: ECONNREFUSED, the abstract socket is the other netns's
+    server.json("DELETE", f"/jobs/{first['job_id']}")
+
+
+def test_setuid_binaries_do_not_elevate(server):
+    doc, logs = server.run("su root -c id; echo rc=$?", "bash")
+    assert "rc=1" in logs["stdout"] or "rc=126" in logs["stdout"], logs
+    assert "uid=0" not in logs["stdout"]
+
+
+def test_job_cannot_signal_its_init(server):
+    doc, logs = server.run("kill -KILL 1; echo still here", "bash")
+    assert doc["status"] == "completed" and logs["stdout"] == "still here\n", (doc, logs)
+
+
+# Class B: what a job leaves behind is hostile ----------------------------------
+
+LEAVE_BEHIND = """
+import os, socket
+open('real.txt', 'w').write('real')
+os.symlink('/etc/passwd', 'link_to_host')
+os.symlink('/', 'link_to_root')
+open('twice.txt', 'w').write('t'); os.link('twice.txt', 'twice_again.txt')
+os.mkfifo('fifo')
+s = socket.socket(socket.AF_UNIX); s.bind('sock')
+with open('sparse.bin', 'wb') as f: f.truncate(90 * 1024 * 1024)
+os.makedirs('d'); os.symlink('../real.txt', 'd/up')
+"""
+
+
+def test_outputs_are_regular_single_link_files_only(server):
+    doc, logs = server.run(LEAVE_BEHIND)
+    assert doc["status"] == "completed", (doc, logs)
+    assert sorted(doc["output_files"]) == ["real.txt", "sparse.bin"], doc["output_files"]
+    _, _, listing = server.json("GET", f"/outputs/{doc['job_id']}")
+    assert sorted(f["name"] for f in listing["files"]) == ["real.txt", "sparse.bin"]
+    assert {f["name"]: f["size"] for f in listing["files"]}["sparse.bin"] == 90 * 1024 * 1024
+    for name in ("link_to_host", "link_to_root/etc/passwd", "twice.txt", "fifo", "sock", "d/up"):
+        status, _, _ = server.request("GET", f"/download/{doc['job_id']}/{name}")
+        assert status == 404, name
+    status, _, data = server.request("GET", f"/download/{doc['job_id']}/real.txt")
+    assert (status, data) == (200, b"real")
+
+
+@pytest.mark.parametrize("path", ["./real.txt", "d/../real.txt", "/real.txt", "real.txt/", "REAL.TXT", "%2e%2e/real.txt"])
+def test_download_paths_are_never_normalised(server, path):
+    doc, _ = server.run("import os; os.makedirs('d'); open('real.txt', 'w').write('r')")
+    status, _, body = server.request("GET", f"/download/{doc['job_id']}/{path}")
+    assert status == 404, (path, body)
+
+
+def test_download_of_another_jobs_file_by_traversal_is_404(server):
+    one, _ = server.run("open('mine.txt', 'w').write('1')")
+    two, _ = server.run("open('other.txt', 'w').write('2')")
+    for path in (f"../{two['job_id']}/other.txt", f"..%2f{two['job_id']}%2fother.txt"):
+        status, _, _ = server.request("GET", f"/download/{one['job_id']}/{path}")
+        assert status == 404, path
+
+
+# Class H: fail closed -------------------------------------------------------------
+
+
+def test_forged_queue_entry_with_symlinked_payload_runs_nothing(server):
+    """A compromised worker plants a queue entry whose payload is a link to a host file."""
+    job_id = "job-" + "f" * 32
+    entry = os.path.join(server.state_dir, "http", "queue", f"{9999999999999999:016d}.{job_id}")
+    os.mkdir(entry)
+    with open(os.path.join(entry, "request.json"), "w") as f:
+        json.dump({"manifest": {"entrypoint": "x.sh", "interpreter": "bash"}, "client": "0" * 32, "created_ts": time.time()}, f)
+    os.symlink("/etc/shadow", os.path.join(entry, "payload.tar"))
+    os.chown(entry, 0, 0)
+    doc = server.wait(job_id, 30)
+    assert (doc["status"], doc["reason"]) == ("failed", "internal_error"), doc
+    _, _, logs = server.json("GET", f"/logs/{job_id}")
+    assert logs == {"stdout": "", "stderr": "", "stdout_truncated": False, "stderr_truncated": False}
+    assert not os.path.exists(entry)
+
+
+def test_runner_death_kills_its_jobs_and_health_follows(server):
+    running = server.submit_code("import time; print('up', flush=True); time.sleep(60)", wait=0)
+    deadline = time.monotonic() + 20
+    while server.json("GET", f"/status/{running['job_id']}")[2]["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with open(os.path.join(server.state_dir, "runner", "alive")) as f:
+        runner_pid = int(f.read())
+    os.kill(runner_pid, signal.SIGKILL)
+    queued = server.submit_code("print('after restart')", wait=0)
+    status, _, _ = server.json("GET", "/health")
+    doc = server.wait(running["job_id"], 30)
+    assert (doc["status"], doc["reason"]) == ("failed", "internal_error"), doc
+    done = server.wait(queued["job_id"], 30)
+    assert done["status"] == "completed", done
+    assert server.json("GET", "/health")[0] == 200
+    with open(os.path.join(server.state_dir, "runner", "alive")) as f:
+        assert int(f.read()) != runner_pid
+
+
+@pytest.mark.parametrize("env,words", [
+    ({"SANDRUN_JOB_UID": "65534"}, "belongs to host account"),
+    ({"SANDRUN_HTTP_USER": "no-such-user-here"}, "No such user"),
+    ({"SANDRUN_JOB_TIMEOUT_S": "0"}, "outside 1..3600"),
+    ({"SANDRUN_UNPACKED_MAX_BYTES": str(200 * 1024 * 1024)}, "exceeds"),
+])
+def test_server_refuses_to_start_when_it_cannot_jail_safely(env, words):
+    from conftest import Server
+
+    srv = Server(env, "refuse")
+    with pytest.raises(AssertionError, match=words):
+        srv.start()
+    assert srv.proc.returncode != 0
