@@ -2161,17 +2161,16 @@ class Runner:
     # 6.5 Deletion, expiry and shutdown
 
     def _deletions(self):
+        """Carry out DELETEs. A tombstone stays until the job is erased, so the job never reappears."""
         deleted_fd = _open_beneath(["deleted"])
         try:
             for name in os.listdir(deleted_fd):
-                if JOB_ID.match(name):
-                    job = self.jobs.get(name)
-                    if job is not None and job.handle is not None:
-                        job.deleted = True
-                        self._kill(job, "killed")
-                    else:
-                        self._erase(name)
-                os.unlink(name, dir_fd=deleted_fd)
+                job = self.jobs.get(name)
+                if job is None:
+                    self._erase(name) if JOB_ID.match(name) else _remove_beneath(deleted_fd, name)
+                elif job.handle is not None and not job.deleted:
+                    job.deleted = True
+                    self._kill(job, "killed")  # _finish erases it when the jail is gone
         finally:
             os.close(deleted_fd)
 
@@ -2181,6 +2180,12 @@ class Runner:
         if os.path.isdir(path):
             shutil.rmtree(path)
             log.info("job=%s state=erased", job_id)
+        deleted_fd = _open_beneath(["deleted"])
+        try:
+            if job_id in os.listdir(deleted_fd):
+                _remove_beneath(deleted_fd, job_id)
+        finally:
+            os.close(deleted_fd)
 
     def _shutdown(self):
         for job in list(self.jobs.values()):
@@ -2574,7 +2579,14 @@ def app(environ, start_response):
     if response.headers.get("Content-Type", "").startswith("application/json"):
         response.headers["Content-Type"] = JSON_TYPE
     response.headers.update(CORS_HEADERS)
-    return response(environ, start_response)
+    # Not response(environ, start_response): webob would rewrite Location into an absolute
+    # URL built from the Host header, and the contract promises the path.
+    start_response(response.status, response.headerlist)
+    if req.method == "HEAD":
+        if hasattr(response.app_iter, "close"):
+            response.app_iter.close()
+        return []
+    return response.app_iter
 
 
 # 8. Process management and command line ----------------------------------------

@@ -109,9 +109,9 @@ class Server:
         body, ctype = multipart({"manifest": manifest if isinstance(manifest, str) else json.dumps(manifest)}, files)
         return self.request("POST", f"/submit?wait={wait}", body, {"Content-Type": ctype}, source)
 
-    def run(self, code, interpreter="python3", **manifest):
+    def run(self, code, interpreter="python3", source="127.0.0.1", **manifest):
         """Submit, wait for the end, return (status doc, logs doc)."""
-        doc = self.submit_code(code, interpreter, **manifest)
+        doc = self.submit_code(code, interpreter, source=source, **manifest)
         doc = self.wait(doc["job_id"]) if doc["status"] not in ("completed", "failed") else doc
         _, _, logs = self.json("GET", f"/logs/{doc['job_id']}")
         return doc, logs

@@ -1,0 +1,179 @@
+"""The HTTP contract of ../shared/API.md: routes, methods, shapes, errors, CORS."""
+
+import json
+import time
+
+import pytest
+
+JOB_ID = "job-" + "0" * 32
+
+
+def test_info(server):
+    status, headers, doc = server.json("GET", "/")
+    assert status == 200 and headers["content-type"] == "application/json; charset=utf-8"
+    assert doc["service"] == "sandrun" and doc["status"] == "running"
+    assert {"python3", "node", "bash"} <= set(doc["interpreters"])
+    assert all(isinstance(v, str) and v for v in doc["interpreters"].values())
+    assert set(doc["limits"]) == {"timeout_seconds_max", "memory_mb_max", "cpu_seconds_per_minute",
+                                  "concurrent_jobs_per_ip", "jobs_per_hour_per_ip", "upload_bytes_max"}
+    assert set(doc["queue"]) == {"queued", "running"}
+
+
+def test_submit_202_shape_and_location(server):
+    status, headers, doc = server.json("POST", "/submit", {"code": "print(1)", "interpreter": "python3"})
+    assert status == 202, doc
+    assert set(doc) == {"job_id", "status", "position", "status_url"} and doc["status"] == "queued"
+    assert len(doc["job_id"]) == 36 and doc["job_id"].startswith("job-")
+    assert headers["location"] == doc["status_url"] == f"/status/{doc['job_id']}"
+    assert server.wait(doc["job_id"])["status"] == "completed"
+
+
+def test_status_shape(server):
+    doc = server.submit_code("print(1)")
+    assert set(doc) == {"job_id", "status", "queue_position", "reason", "exit_code", "signal", "execution_metadata",
+                        "output_files", "created_at", "started_at", "finished_at", "expires_at"}
+    assert set(doc["execution_metadata"]) == {"cpu_seconds", "memory_peak_bytes", "wall_time_ms", "exit_code", "interpreter"}
+
+
+def test_submit_wait_returns_202_if_the_job_is_still_running(server):
+    status, _, doc = server.json("POST", "/submit?wait=0.5", {"code": "import time; time.sleep(3)", "interpreter": "python3"})
+    assert status == 202 and doc["status"] == "queued"
+    status, _, running = server.json("GET", f"/status/{doc['job_id']}?wait=0.2")
+    assert status == 200 and running["status"] in ("queued", "running") and running["reason"] is None
+    assert server.wait(doc["job_id"])["status"] == "completed"
+
+
+@pytest.mark.parametrize("wait", ["-1", "61", "abc", "nan"])
+def test_bad_wait_is_400(server, wait):
+    status, _, doc = server.json("GET", f"/status/{JOB_ID}?wait={wait}")
+    assert status == 400 and "wait" in doc["details"]
+
+
+@pytest.mark.parametrize("route", ["/status/", "/logs/", "/outputs/", "/download/"])
+@pytest.mark.parametrize("job_id", [JOB_ID, "job-xyz", "../etc", "job-" + "0" * 31 + "g"])
+def test_unknown_job_is_404_on_every_route(server, route, job_id):
+    status, _, body = server.request("GET", route + job_id)
+    assert status == 404 and json.loads(body)["error"] == "not found"
+
+
+def test_unknown_route_404_and_wrong_method_405(server):
+    status, _, doc = server.json("GET", "/nope")
+    assert status == 404 and set(doc) == {"error", "details"}
+    status, headers, doc = server.json("GET", "/submit")
+    assert status == 405 and "POST" in headers["allow"] and doc["error"] == "method not allowed"
+    status, headers, _ = server.json("POST", "/health")
+    assert status == 405
+    status, _, _ = server.request("DELETE", f"/status/{JOB_ID}")
+    assert status == 405
+
+
+def test_wrong_content_type_is_415(server):
+    status, _, body = server.request("POST", "/submit", b"print(1)", {"Content-Type": "text/plain"})
+    assert status == 415 and json.loads(body)["error"] == "unsupported media type"
+    status, _, body = server.request("POST", "/submit", b"")
+    assert status == 415
+
+
+def test_multipart_without_manifest_or_files_is_400(server):
+    from conftest import multipart
+
+    body, ctype = multipart({"manifest": '{"entrypoint": "a.py"}'}, [])
+    status, _, data = server.request("POST", "/submit", body, {"Content-Type": ctype})
+    assert status == 400 and b"'files'" in data
+    body, ctype = multipart({}, [("a.py", b"1")])
+    status, _, data = server.request("POST", "/submit", body, {"Content-Type": ctype})
+    assert status == 400 and b"'manifest'" in data
+    body, ctype = multipart({"manifest": '{"entrypoint": "a.py"}', "extra": "1"}, [("a.py", b"1")])
+    status, _, data = server.request("POST", "/submit", body, {"Content-Type": ctype})
+    assert status == 400 and b"extra" in data
+    status, _, data = server.request("POST", "/submit", b"garbage", {"Content-Type": "multipart/form-data; boundary=zz"})
+    assert status == 400
+
+
+def test_cors_on_every_response_and_preflight(server):
+    for method, path in (("GET", "/"), ("GET", "/nope"), ("GET", f"/status/{JOB_ID}"), ("POST", "/health")):
+        _, headers, _ = server.request(method, path)
+        assert headers["access-control-allow-origin"] == "*", (method, path)
+    for path in ("/", "/submit", f"/status/{JOB_ID}", f"/download/{JOB_ID}/a/b.txt", f"/jobs/{JOB_ID}", "/stats", "/health"):
+        status, headers, _ = server.request("OPTIONS", path, headers={"Origin": "https://example.org", "Access-Control-Request-Method": "POST"})
+        assert status == 204 and headers["access-control-allow-origin"] == "*", path
+        assert "OPTIONS" in headers["access-control-allow-methods"]
+    _, headers, _ = server.request("OPTIONS", "/submit")
+    assert "POST" in headers["access-control-allow-methods"] and "Content-Type" in headers["access-control-allow-headers"]
+
+
+def test_head_follows_get(server):
+    status, headers, body = server.request("HEAD", "/health")
+    assert status == 200 and body == b""
+
+
+def test_health_and_stats(server):
+    status, _, doc = server.json("GET", "/health")
+    assert (status, doc) == (200, {"status": "healthy"})
+    status, _, doc = server.json("GET", "/stats")
+    assert set(doc["your_quota"]) == {"active_jobs", "concurrent_limit", "jobs_this_hour", "jobs_per_hour_limit",
+                                      "cpu_seconds_used", "cpu_seconds_limit", "can_submit", "reason"}
+    assert set(doc["system"]) == {"queued", "running"}
+
+
+def test_delete_finished_job_erases_everything(server):
+    doc, _ = server.run("open('o.txt','w').write('x'); print('hi')")
+    job = doc["job_id"]
+    status, _, body = server.request("DELETE", f"/jobs/{job}")
+    assert status == 204 and body == b""
+    for route in ("/status/", "/logs/", "/outputs/", "/download/"):
+        assert server.request("GET", route + job)[0] == 404
+    assert server.request("GET", f"/download/{job}/o.txt")[0] == 404
+    assert server.request("DELETE", f"/jobs/{job}")[0] == 404
+    deadline = time.monotonic() + 10
+    import os
+
+    while os.path.exists(os.path.join(server.state_dir, "runner", "jobs", job)):
+        assert time.monotonic() < deadline, "the runner did not erase the job"
+        time.sleep(0.05)
+
+
+def test_delete_running_job_kills_it(server):
+    doc = server.submit_code("import time; print('up', flush=True); time.sleep(60)", wait=0)
+    deadline = time.monotonic() + 20
+    while server.json("GET", f"/logs/{doc['job_id']}")[2]["stdout"] != "up\n":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert server.request("DELETE", f"/jobs/{doc['job_id']}")[0] == 204
+    assert server.request("GET", f"/status/{doc['job_id']}")[0] == 404
+    deadline = time.monotonic() + 10
+    while server.json("GET", "/stats")[2]["system"]["running"]:
+        assert time.monotonic() < deadline, "the deleted job still runs"
+        time.sleep(0.05)
+
+
+def test_logs_while_running(server):
+    doc = server.submit_code("import time\nprint('one', flush=True)\ntime.sleep(2)\nprint('two')", wait=0)
+    deadline = time.monotonic() + 20
+    while True:
+        status, _, logs = server.json("GET", f"/logs/{doc['job_id']}")
+        if logs["stdout"] == "one\n":
+            assert server.json("GET", f"/status/{doc['job_id']}")[2]["status"] == "running"
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert server.wait(doc["job_id"])["status"] == "completed"
+    assert server.json("GET", f"/logs/{doc['job_id']}")[2]["stdout"] == "one\ntwo\n"
+
+
+def test_download_headers_are_safe(server):
+    doc, _ = server.run("open('page.html', 'w').write('<script>alert(1)</script>'); open('we\"ird name;.txt', 'w').write('w')")
+    job = doc["job_id"]
+    _, headers, _ = server.request("GET", f"/download/{job}/page.html")
+    assert headers["content-security-policy"].startswith("sandbox") and headers["x-content-type-options"] == "nosniff"
+    assert headers["content-disposition"].startswith("attachment;")
+    status, headers, data = server.request("GET", f"/download/{job}/we%22ird%20name%3B.txt")
+    assert status == 200 and data == b"w"
+    assert headers["content-disposition"] == "attachment; filename=\"we_ird_name_.txt\"; filename*=UTF-8''we%22ird%20name%3B.txt"
+
+
+def test_no_client_address_or_job_content_in_the_log(server):
+    doc, _ = server.run("print('SECRET-CONTENT-1234')", source="127.0.0.5")
+    log = server.output()
+    assert "127.0.0.5" not in log and "SECRET-CONTENT-1234" not in log
+    assert f"job={doc['job_id']} state=completed" in log

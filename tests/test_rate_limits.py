@@ -1,0 +1,112 @@
+"""Per-client limits with the default settings; 127.0.0.x are distinct clients."""
+
+import json
+import time
+
+SLEEP = "import time; time.sleep(20)"
+
+
+def submit(srv, code, source):
+    return srv.json("POST", "/submit", {"code": code, "interpreter": "python3"}, source)
+
+
+def test_defaults_are_advertised(default_server):
+    _, _, doc = default_server.json("GET", "/")
+    assert doc["limits"] == {"timeout_seconds_max": 300, "memory_mb_max": 512, "cpu_seconds_per_minute": 10,
+                             "concurrent_jobs_per_ip": 2, "jobs_per_hour_per_ip": 20, "upload_bytes_max": 104857600}
+
+
+def test_concurrent_jobs_per_client(default_server):
+    srv = default_server
+    jobs = [submit(srv, SLEEP, "127.0.0.2") for _ in range(2)]
+    assert [j[0] for j in jobs] == [202, 202]
+    status, headers, doc = submit(srv, "print(1)", "127.0.0.2")
+    assert status == 429 and doc["reason"] == "concurrent_jobs" and doc["retry_after"] >= 1
+    assert int(headers["retry-after"]) == doc["retry_after"] and set(doc) >= {"error", "details"}
+    _, _, stats = srv.json("GET", "/stats", source="127.0.0.2")
+    assert stats["your_quota"]["active_jobs"] == 2 and stats["your_quota"]["can_submit"] is False
+    # another client is not affected, and sees nothing of the first
+    status, _, doc = submit(srv, "print(1)", "127.0.0.3")
+    assert status == 202
+    _, _, stats = srv.json("GET", "/stats", source="127.0.0.4")
+    assert stats["your_quota"]["active_jobs"] == 0 and stats["your_quota"]["jobs_this_hour"] == 0
+    for _, _, job in jobs:
+        assert srv.request("DELETE", f"/jobs/{job['job_id']}", source="127.0.0.9")[0] == 204
+    deadline = time.monotonic() + 10
+    while submit(srv, "print(1)", "127.0.0.2")[0] != 202:
+        assert time.monotonic() < deadline, "deleted jobs still count as active"
+        time.sleep(0.1)
+
+
+def test_jobs_per_hour(default_server):
+    srv = default_server
+    for i in range(20):
+        status, _, doc = srv.json("POST", "/submit?wait=30", {"code": "pass", "interpreter": "python3"}, "127.0.0.5")
+        assert status == 200, (i, doc)
+    status, headers, doc = submit(srv, "pass", "127.0.0.5")
+    assert status == 429 and doc["reason"] == "jobs_per_hour" and 3500 <= doc["retry_after"] <= 3600, doc
+    assert submit(srv, "pass", "127.0.0.6")[0] == 202
+
+
+def test_cpu_seconds_per_minute(default_server):
+    srv = default_server
+    burn = "import time\nend = time.process_time() + 10.5\nwhile time.process_time() < end: pass"
+    status, _, doc = srv.json("POST", "/submit?wait=60", {"code": burn, "interpreter": "python3"}, "127.0.0.7")
+    assert status == 200 and doc["execution_metadata"]["cpu_seconds"] >= 10, doc
+    status, headers, doc = submit(srv, "pass", "127.0.0.7")
+    assert status == 429 and doc["reason"] == "cpu_seconds_per_minute" and 1 <= doc["retry_after"] <= 60, doc
+    _, _, stats = srv.json("GET", "/stats", source="127.0.0.7")
+    assert stats["your_quota"]["cpu_seconds_used"] >= 10
+
+
+def test_forwarded_for_is_ignored_from_untrusted_peers(default_server):
+    srv = default_server
+    jobs = [submit(srv, SLEEP, "127.0.0.8") for _ in range(2)]
+    status, _, _ = srv.json("POST", "/submit", {"code": "pass", "interpreter": "python3"}, "127.0.0.8", headers={"X-Forwarded-For": "10.1.2.3"})
+    assert status == 429
+    for _, _, job in jobs:
+        srv.request("DELETE", f"/jobs/{job['job_id']}")
+
+
+def test_ipv6_clients_count_by_64():
+    import sandrun
+
+    sandrun._CLIENT_KEY = b"k" * 32
+    key = sandrun.client_key
+    assert key("2001:db8:1:2::1") == key("2001:db8:1:2:ffff::9") != key("2001:db8:1:3::1")
+    assert key("::ffff:127.0.0.2") == key("127.0.0.2") != key("127.0.0.3")
+
+
+def test_results_expire(default_server):
+    srv = default_server
+    status, _, doc = srv.json("POST", "/submit?wait=30", {"code": "open('o','w').write('1')", "interpreter": "python3"}, "127.0.0.10")
+    assert status == 200 and doc["status"] == "completed"
+    assert srv.request("GET", f"/status/{doc['job_id']}")[0] == 200
+    time.sleep(3.5)
+    for route in ("/status/", "/logs/", "/outputs/", "/download/"):
+        assert srv.request("GET", route + doc["job_id"])[0] == 404, route
+    import os
+
+    deadline = time.monotonic() + 5
+    while os.path.exists(os.path.join(srv.state_dir, "runner", "jobs", doc["job_id"])):
+        assert time.monotonic() < deadline, "expired job not erased"
+        time.sleep(0.1)
+
+
+def test_forwarded_for_is_believed_only_from_a_trusted_proxy():
+    from conftest import Server
+
+    srv = Server({"SANDRUN_FORWARDED_ALLOW_IPS": "127.0.0.1"}, "proxy").start()
+    try:
+        proxied = {"X-Forwarded-For": "198.51.100.7"}
+        status, _, doc = srv.json("POST", "/submit?wait=30", {"code": "pass", "interpreter": "python3"}, "127.0.0.1", headers=proxied)
+        assert status == 200
+        assert srv.json("GET", "/stats", source="127.0.0.1", headers=proxied)[2]["your_quota"]["jobs_this_hour"] == 1
+        assert srv.json("GET", "/stats", source="127.0.0.1")[2]["your_quota"]["jobs_this_hour"] == 0
+        # a hop the client itself wrote in front of the proxy's is not believed: the nearest untrusted hop counts
+        spoofed = {"X-Forwarded-For": "203.0.113.1, 198.51.100.7"}
+        assert srv.json("GET", "/stats", source="127.0.0.1", headers=spoofed)[2]["your_quota"]["jobs_this_hour"] == 1
+        # from an untrusted peer the header is ignored
+        assert srv.json("GET", "/stats", source="127.0.0.2", headers=proxied)[2]["your_quota"]["jobs_this_hour"] == 0
+    finally:
+        srv.stop()
