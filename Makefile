@@ -50,7 +50,7 @@ check: setup  ## Prove this host can jail jobs, as the server does at start
 
 .PHONY: test
 test: setup  ## Run the whole suite against a real server and the real jail
-	$(VENV)/bin/python -m pytest -p no:cacheprovider tests/
+	$(VENV)/bin/python -m pytest -p no:cacheprovider -W "ignore:'cgi' is deprecated:DeprecationWarning" tests/
 
 .PHONY: lint
 lint: setup  ## Compile every file and validate the gunicorn config

@@ -99,7 +99,12 @@ class SettingsError(Exception):
     """A SANDRUN_* setting is malformed or inconsistent."""
 
 
+#: Every SANDRUN_* setting and its default, for the docs test and `sandrun.py check`.
+SETTINGS = {}
+
+
 def _env_int(name, default, low, high):
+    SETTINGS["SANDRUN_" + name] = default
     raw = os.environ.get("SANDRUN_" + name)
     if raw is None:
         return default
@@ -113,6 +118,7 @@ def _env_int(name, default, low, high):
 
 
 def _env_str(name, default):
+    SETTINGS["SANDRUN_" + name] = default
     return os.environ.get("SANDRUN_" + name, default)
 
 
@@ -2449,7 +2455,8 @@ def handle_outputs(req, job_id):
         for o in (record or {}).get("outputs", [])
     ]  # fmt: skip
     return _json({"job_id": job_id, "status": public["status"], "total_files": len(files),
-                  "total_bytes": sum(f["size"] for f in files), "files": files})  # fmt: skip
+                  "total_bytes": sum(f["size"] for f in files), "files": files,
+                  "outputs_truncated": bool((record or {}).get("outputs_truncated"))})  # fmt: skip
 
 
 def _url_path(name):

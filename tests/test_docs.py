@@ -1,0 +1,48 @@
+"""README.md stays true: every route and every setting, with its real default."""
+
+import os
+import re
+
+import sandrun
+
+README = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+
+
+def _table_rows():
+    return [line for line in README.splitlines() if line.startswith("|")]
+
+
+def test_every_route_is_in_the_api_table():
+    rows = _table_rows()
+    for pattern, methods in sandrun.ROUTES:
+        path = pattern.pattern.replace("(?P<job_id>[^/]+)", "{job_id}").replace("(?P<path>.+)", "{path}").replace("\\Z", "")
+        for method in methods:
+            assert any(f"| {method} | `{path}` |" in row for row in rows), f"{method} {path} is not in README's API table"
+
+
+def test_every_setting_is_documented_with_its_default():
+    rows = {re.match(r"\| `(SANDRUN_[A-Z_]+)` \|", row).group(1): row for row in _table_rows() if re.match(r"\| `SANDRUN_", row)}
+    assert set(rows) == set(sandrun.SETTINGS), set(rows) ^ set(sandrun.SETTINGS)
+    for name, default in sandrun.SETTINGS.items():
+        cell = rows[name].split("|")[2].strip()
+        if name == "SANDRUN_MAX_RUNNING":
+            assert cell == "number of CPUs"
+        elif default == "":
+            assert cell == "empty", (name, cell)
+        else:
+            assert cell.split()[0].strip("`") == str(default), (name, cell, default)
+
+
+def test_contract_limits_are_the_defaults():
+    """The contract's numbers (../shared/API.md) are what a default server enforces."""
+    assert (sandrun.JOB_TIMEOUT_S, sandrun.JOB_MEMORY_MAX_BYTES, sandrun.JOB_PIDS_MAX) == (300, 512 << 20, 32)
+    assert (sandrun.OUTPUT_STREAM_MAX_BYTES, sandrun.UPLOAD_MAX_BYTES, sandrun.MANIFEST_MAX_BYTES) == (10 << 20, 100 << 20, 2 << 20)
+    assert (sandrun.RATE_CONCURRENT_JOBS, sandrun.RATE_JOBS_PER_HOUR, sandrun.RATE_CPU_S_PER_MIN) == (2, 20, 10)
+    assert (sandrun.RESULT_TTL_S, sandrun.WAIT_MAX_S, sandrun.ARGS_MAX, sandrun.STDIN_MAX_BYTES) == (600, 60, 256, 1 << 20)
+
+
+def test_make_targets_in_readme_exist():
+    makefile = open(os.path.join(os.path.dirname(__file__), "..", "Makefile")).read()
+    for target in re.findall(r"\| `make ([a-z-]+)` \|", README):
+        assert re.search(rf"^{target}:", makefile, re.M), target
+    assert "make run" in README and "make test" in README
