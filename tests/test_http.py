@@ -177,3 +177,45 @@ def test_no_client_address_or_job_content_in_the_log(server):
     log = server.output()
     assert "127.0.0.5" not in log and "SECRET-CONTENT-1234" not in log
     assert f"job={doc['job_id']} state=completed" in log
+
+
+# Class G: service-layer abuse ---------------------------------------------------------
+
+
+def test_oversized_request_line_and_headers_are_refused(server):
+    status, _, _ = server.request("GET", "/status/" + "a" * 9000)
+    assert status in (400, 414)
+    # gunicorn answers these itself, before the app: 400 or 431, in its own plain-text form
+    status, _, _ = server.request("GET", "/health", headers={f"X-H{i}": "v" for i in range(100)})
+    assert status in (400, 431)
+    status, _, _ = server.request("GET", "/health", headers={"X-Big": "v" * 9000})
+    assert status in (400, 431)
+    assert server.json("GET", "/health")[0] == 200
+
+
+def test_content_length_larger_than_the_body_does_not_hang_a_worker(server):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=40) as s:
+        s.sendall(b"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"code\"")
+        s.shutdown(socket.SHUT_WR)
+        data = s.recv(4096)
+    assert data.startswith(b"HTTP/1.1 400"), data[:200]
+    assert server.json("GET", "/health")[0] == 200
+
+
+def test_parked_long_polls_do_not_starve_the_service(server):
+    import threading
+
+    doc = server.submit_code("import time; time.sleep(4)", wait=0)
+    results = []
+    pollers = [threading.Thread(target=lambda: results.append(server.json("GET", f"/status/{doc['job_id']}?wait=60")[2]["status"])) for _ in range(12)]
+    for t in pollers:
+        t.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert server.json("GET", "/health")[0] == 200
+    assert time.monotonic() - started < 2
+    for t in pollers:
+        t.join(60)
+    assert results == ["completed"] * 12
