@@ -187,8 +187,13 @@ ENV_VARS_MAX = 256
 
 if UNPACKED_MAX_BYTES > JOB_WORKDIR_MAX_BYTES:
     raise SettingsError("SANDRUN_UNPACKED_MAX_BYTES exceeds SANDRUN_JOB_WORKDIR_MAX_BYTES: uploads could not fit")
-if JOB_WORKDIR_MAX_BYTES + 2 * OUTPUT_STREAM_MAX_BYTES > STATE_TMPFS_BYTES // 4:
-    raise SettingsError("SANDRUN_STATE_TMPFS_BYTES must hold at least four jobs' work dirs and logs")
+#: State space kept free for running jobs' logs and outputs; intake answers 503 below it.
+STATE_RESERVE_BYTES = MAX_RUNNING * (JOB_WORKDIR_MAX_BYTES + 2 * OUTPUT_STREAM_MAX_BYTES)
+if STATE_TMPFS_BYTES < STATE_RESERVE_BYTES + UPLOAD_MAX_BYTES:
+    raise SettingsError(
+        f"SANDRUN_STATE_TMPFS_BYTES={STATE_TMPFS_BYTES} cannot hold {MAX_RUNNING} running jobs' logs and outputs "
+        f"({STATE_RESERVE_BYTES} bytes) plus one upload: raise it or lower SANDRUN_MAX_RUNNING"
+    )
 
 
 # 2. Errors -------------------------------------------------------------------
@@ -599,6 +604,8 @@ def upload_add_part(writer, filename, fileobj):
             fileobj.seek(0)
             writer.add_file(filename, fileobj, size, False, "file")
     except (tarfile.TarError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # our own disk, not the client's archive: handle_submit answers 503
         raise http_error(400, "invalid archive", f"{what}: {type(exc).__name__}: {exc}"[:500]) from None
 
 
@@ -1754,6 +1761,7 @@ def host_check(cgroups, bpf):
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 READ_CHUNK_BYTES = 64 * KiB
+SCAN_INTERVAL_S = 0.5  # a missed wake-up delays a job by at most this much
 
 
 def _open_beneath(parts, flags=_DIR):
@@ -1813,6 +1821,7 @@ class Runner:
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.heartbeat = 0.0
+        self.next_scan = 0.0  # when to look at the queue and tombstones again without a wake-up
 
     # 6.1 Start and the loop
 
@@ -1842,6 +1851,7 @@ class Runner:
                     self._on_exit(job)
                 elif kind == "wake":
                     self._drain(self.wake.fileno())
+                    self.next_scan = 0.0
                 else:
                     self._drain(key.fd)
         self._shutdown()
@@ -1873,9 +1883,11 @@ class Runner:
         for job in list(self.jobs.values()):
             if now >= job.deadline and job.forced_reason is None:
                 self._kill(job, "timeout")
-        self._deletions()
-        while len(self.jobs) < MAX_RUNNING and self._claim_and_start():
-            continue
+        if now >= self.next_scan:
+            self.next_scan = now + SCAN_INTERVAL_S
+            self._deletions()
+            while len(self.jobs) < MAX_RUNNING and self._claim_and_start():
+                continue
         wall = time.time()
         for job_id, expires in list(self.expiry.items()):
             if expires <= wall:
@@ -2008,7 +2020,14 @@ class Runner:
             if job.forced_reason is None:
                 self._kill(job, "output_limit")
         if data:
-            os.write(log_fd, data)
+            try:
+                os.write(log_fd, data)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                job.logs[stream][2] = True  # the state tmpfs is full: stop the job as if it hit its cap
+                self._kill(job, "output_limit")
+                return
             job.logs[stream][1] += len(data)
 
     def _on_setup(self, job):
@@ -2108,6 +2127,7 @@ class Runner:
             "interpreter": job.manifest["interpreter"] if job.manifest else None,
         }  # fmt: skip
         self._release(job)
+        self.next_scan = 0.0  # a slot is free: look at the queue now
         if job.deleted:
             self._erase(job.id)
         else:
@@ -2228,12 +2248,24 @@ def outputs_collect(work_fd, dest, patterns):
                     os.close(sub)
             elif stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                 wanted = match(rel) if match is not None else st.st_mtime != 0
-                if wanted and len(files) < UNPACKED_MEMBERS_MAX:
-                    _output_copy(dir_fd, entry.name, st, dest, rel, files, state)
+                if wanted and len(files) < UNPACKED_MEMBERS_MAX and not state["truncated"]:
+                    try:
+                        _output_copy(dir_fd, entry.name, st, dest, rel, files, state)
+                    except OSError as exc:
+                        if exc.errno != errno.ENOSPC:
+                            raise
+                        state["truncated"] = True  # the state tmpfs is full: keep what was copied
+                        _remove_partial(dest, rel)
 
     if patterns != []:
         walk(work_fd, "", 0)
     return files, state["truncated"]
+
+
+def _remove_partial(dest, rel):
+    path = os.path.join(dest, rel)
+    if os.path.lexists(path):
+        os.unlink(path)
 
 
 def _utf8(name):
@@ -2275,7 +2307,7 @@ def _output_copy(dir_fd, name, st, dest, rel, files, state):
 # anything unexpected into a bare 500 and adds CORS to every answer.
 
 JSON_TYPE = "application/json; charset=utf-8"
-WAIT_POLL_S = 0.01
+WAIT_POLL_MIN_S, WAIT_POLL_MAX_S = 0.005, 0.05
 
 
 def _json(doc, status=200, headers=None):
@@ -2307,11 +2339,13 @@ def _lookup_or_404(job_id):
 def _wait_finished(job_id, wait_s):
     """Poll the job's status until it is finished or wait_s passed; the last lookup (or None)."""
     deadline = time.monotonic() + wait_s
+    delay = WAIT_POLL_MIN_S
     while True:
         found = job_lookup(job_id)
         if found is None or found[0]["status"] in ("completed", "failed") or time.monotonic() >= deadline:
             return found
-        time.sleep(WAIT_POLL_S)
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, WAIT_POLL_MAX_S)  # quick answers for quick jobs, little load for slow ones
 
 
 def handle_info(req):
@@ -2345,6 +2379,9 @@ def handle_submit(req):
     if media == "multipart/form-data" and req.content_length is None:
         raise http_error(400, "length required", "send multipart bodies with a Content-Length")
     wait_s = _wait_param(req)
+    vfs = os.statvfs(STATE_DIR)
+    if vfs.f_bavail * vfs.f_frsize < STATE_RESERVE_BYTES + 2 * (req.content_length or 0):
+        raise _storage_full()
 
     job_id = "job-" + secrets.token_hex(16)
     incoming = state_path("http", "incoming", job_id)
@@ -2361,6 +2398,10 @@ def handle_submit(req):
         with open(os.path.join(incoming, "request.json"), "x") as f:
             json.dump(request, f)
         position = spool_submit(job_id, key, incoming)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _storage_full() from None
+        raise
     finally:
         if os.path.exists(incoming):
             shutil.rmtree(incoming)
@@ -2371,6 +2412,10 @@ def handle_submit(req):
             return _json(found[0])
     doc = {"job_id": job_id, "status": "queued", "position": position, "status_url": status_url}
     return _json(doc, 202, {"Location": status_url})
+
+
+def _storage_full():
+    return http_error(503, "storage full", "the server holds as many uploads and results as it can; try again shortly", headers={"Retry-After": "30"})
 
 
 def _read_body(req, cap):

@@ -152,3 +152,12 @@ def test_interpreter_from_entrypoint_extension(server):
 def test_node_heap_follows_memory_limit(server):
     doc, logs = server.run("console.log(require('v8').getHeapStatistics().heap_size_limit < 100 * 1024 * 1024)", "node", memory_mb=64)
     assert logs["stdout"] == "true\n", (doc, logs)
+
+
+@pytest.mark.parametrize("interpreter,code,expected", [
+    ("sh", "echo sh $((6 * 7))", "sh 42\n"),
+    ("perl", "print 'perl ', 6 * 7, \"\\n\";", "perl 42\n"),
+])
+def test_other_interpreters(server, interpreter, code, expected):
+    doc, logs = server.run(code, interpreter)
+    assert (doc["status"], logs["stdout"]) == ("completed", expected), (doc, logs)

@@ -117,3 +117,29 @@ def test_queue_is_fifo_with_real_positions_and_deletable(server):
     for s in sleepers:
         assert server.request("DELETE", f"/jobs/{s['job_id']}")[0] == 204
     assert server.wait(second["job_id"])["status"] == "completed"
+
+
+def test_full_state_storage_is_503_not_an_error_and_recovers():
+    """Queued uploads fill a small state tmpfs: intake answers 503 'storage full', never 400 or 500."""
+    from conftest import SUITE_ENV, Server, make_tar
+
+    srv = Server({**SUITE_ENV, "SANDRUN_STATE_TMPFS_BYTES": str(256 << 20), "SANDRUN_MAX_RUNNING": "1"}, "small").start()
+    try:
+        sleeper = srv.submit_code("import time; time.sleep(60)", wait=0)
+        zeros = make_tar([("main.py", "file", b"pass"), ("zeros", "file", bytes(99 << 20))], "w:gz")
+        answers, queued = [], []
+        for _ in range(4):
+            status, _, body = srv.submit_files([("z.tar.gz", zeros)], {"entrypoint": "main.py"}, wait=0)
+            answers.append(status)
+            if status == 202:
+                queued.append(json.loads(body)["job_id"])
+            else:
+                doc = json.loads(body)
+                assert doc["error"] == "storage full", doc
+        assert answers[0] == 202 and answers[-1] == 503, answers
+        for job_id in queued + [sleeper["job_id"]]:
+            assert srv.request("DELETE", f"/jobs/{job_id}")[0] == 204
+        status, _, body = srv.submit_files([("z.tar.gz", zeros)], {"entrypoint": "main.py", "outputs": []}, wait=30)
+        assert status == 200 and json.loads(body)["status"] == "completed", body
+    finally:
+        srv.stop()
