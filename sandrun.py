@@ -684,13 +684,16 @@ def _utc(ts):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts is not None else None
 
 
-def _write_json_atomic(path, doc, mode=0o644):
-    """Write a JSON file by rename, so readers see the old or the new, never half."""
+def _write_atomic(path, text, mode=0o644):
+    """Write a file by rename, so readers see the old or the new, never half."""
     tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    with open(fd, "w") as f:
-        json.dump(doc, f)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode), "w") as f:
+        f.write(text)
     os.rename(tmp, path)
+
+
+def _write_json_atomic(path, doc, mode=0o644):
+    _write_atomic(path, json.dumps(doc), mode)
 
 
 def _read_json(path, limit=4 * MiB):
@@ -816,23 +819,15 @@ def spool_submit(job_id, key, incoming):
         if len(entries) >= MAX_QUEUED:
             raise http_error(503, "queue full", f"{len(entries)} jobs are waiting; try again shortly", headers={"Retry-After": "10"})
         seq_path = state_path("http", "seq")
-        with open(seq_path, "a+") as f:
-            f.seek(0)
-            seq = int(f.read() or 0) + 1
-        _write_text_atomic(seq_path, str(seq))
+        with open(seq_path) as f:
+            seq = int(f.read()) + 1
+        _write_atomic(seq_path, str(seq), 0o600)
         os.rename(incoming, state_path("http", "queue", f"{seq:016d}.{job_id}"))
         ledger["submits"].append(now)
         ledger["active"].append(job_id)
         _write_json_atomic(state_path("http", "clients", key + ".json"), ledger, 0o600)
     runner_wake()
     return len(entries) + 1
-
-
-def _write_text_atomic(path, text):
-    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w") as f:
-        f.write(text)
-    os.rename(tmp, path)
 
 
 def runner_wake():
@@ -1894,7 +1889,7 @@ class Runner:
                 self._erase(job_id)
         if now - self.heartbeat >= 1.0:
             self.heartbeat = now
-            _write_text_atomic(state_path("runner", "alive"), str(os.getpid()))
+            _write_atomic(state_path("runner", "alive"), str(os.getpid()))
 
     def _recover(self):
         """Results of a runner that died: jobs it ran are failed; the rest expire as usual."""
@@ -2181,8 +2176,7 @@ class Runner:
             with open(path) as f:
                 lines = [line for line in f.read().splitlines() if float(line.split()[0]) > finished - 60]
         lines.append(f"{finished:.3f} {cpu:.3f}")
-        _write_text_atomic(path, "\n".join(lines) + "\n")
-        os.chmod(path, 0o644)
+        _write_atomic(path, "\n".join(lines) + "\n")
 
     # 6.5 Deletion, expiry and shutdown
 
@@ -2684,6 +2678,7 @@ def state_prepare():
     for name in ("incoming", "queue", "clients", "deleted", "tmp"):
         os.mkdir(state_path("http", name), 0o700)
     open(state_path("http", "lock"), "x").close()
+    _write_atomic(state_path("http", "seq"), "0", 0o600)
     for root, dirs, files in os.walk(state_path("http")):
         for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
             os.chown(name, user.pw_uid, user.pw_gid)
