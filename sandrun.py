@@ -44,6 +44,7 @@ Contents (grep -n '^# [0-9]')
 """
 
 import bz2
+import collections
 import ctypes
 import ctypes.util
 import errno
@@ -736,17 +737,28 @@ def queue_entries():
     return sorted(m.groups() for m in found if m)
 
 
-def _client_ledger(key, now):
-    """A client's recent submissions and active jobs, with finished jobs dropped."""
+def _client_submits(key, now):
+    """The client's accepted submissions in the last hour (times only: nothing about the jobs)."""
     doc = _read_json(state_path("http", "clients", key + ".json")) or {}
-    submits = [t for t in doc.get("submits", []) if t > now - 3600]
-    queued = {job_id for _, job_id in queue_entries()}
-    active = []
-    for job_id in doc.get("active", []):
-        status = _runner_status(job_id)
-        if job_id in queued or status is not None and status["public"]["status"] == "running":
-            active.append(job_id)
-    return {"submits": submits, "active": active}
+    return [t for t in doc.get("submits", []) if t > now - 3600]
+
+
+def _client_active(key):
+    """The client's queued jobs plus those the runner says it is running for it."""
+    queued = 0
+    for seq, job_id in queue_entries():
+        request = _read_json(state_path("http", "queue", f"{seq}.{job_id}", "request.json"))
+        queued += request is not None and request["client"] == key
+    load = _read_json(state_path("runner", "load.json")) or {}
+    return queued + load.get("clients", {}).get(key, 0)
+
+
+def _ledgers_sweep(now):
+    """Drop the submit times of clients not seen for an hour (under the state lock)."""
+    clients = state_path("http", "clients")
+    for name in os.listdir(clients):
+        if os.stat(os.path.join(clients, name)).st_mtime < now - 3600:
+            os.unlink(os.path.join(clients, name))
 
 
 def _cpu_charges(key, now):
@@ -766,21 +778,22 @@ def _cpu_charges(key, now):
 
 def quota(key, now):
     """The caller's quota figures and, if it may not submit now, why and for how long."""
-    ledger = _client_ledger(key, now)
+    submits = _client_submits(key, now)
+    active = _client_active(key)
     charges = _cpu_charges(key, now)
     cpu_used = sum(c for _, c in charges)
     doc = {
-        "active_jobs": len(ledger["active"]), "concurrent_limit": RATE_CONCURRENT_JOBS,
-        "jobs_this_hour": len(ledger["submits"]), "jobs_per_hour_limit": RATE_JOBS_PER_HOUR,
+        "active_jobs": active, "concurrent_limit": RATE_CONCURRENT_JOBS,
+        "jobs_this_hour": len(submits), "jobs_per_hour_limit": RATE_JOBS_PER_HOUR,
         "cpu_seconds_used": round(cpu_used, 3), "cpu_seconds_limit": RATE_CPU_S_PER_MIN,
         "can_submit": True, "reason": None,
     }  # fmt: skip
     retry = 0
-    if len(ledger["active"]) >= RATE_CONCURRENT_JOBS:
+    if active >= RATE_CONCURRENT_JOBS:
         doc["reason"], retry = "concurrent_jobs", 5
-    elif len(ledger["submits"]) >= RATE_JOBS_PER_HOUR:
+    elif len(submits) >= RATE_JOBS_PER_HOUR:
         doc["reason"] = "jobs_per_hour"
-        retry = ledger["submits"][-RATE_JOBS_PER_HOUR] + 3600 - now
+        retry = submits[-RATE_JOBS_PER_HOUR] + 3600 - now
     elif cpu_used >= RATE_CPU_S_PER_MIN:
         doc["reason"] = "cpu_seconds_per_minute"
         spent, retry = cpu_used, 0
@@ -789,12 +802,12 @@ def quota(key, now):
             if spent < RATE_CPU_S_PER_MIN:
                 break
     doc["can_submit"] = doc["reason"] is None
-    return doc, ledger, max(1, int(retry + 0.999))
+    return doc, submits, max(1, int(retry + 0.999))
 
 
 def rate_limit_check(key, now):
     """Raise 429 if the client may not submit now."""
-    doc, ledger, retry = quota(key, now)
+    doc, submits, retry = quota(key, now)
     if not doc["can_submit"]:
         details = {
             "concurrent_jobs": f"at most {RATE_CONCURRENT_JOBS} queued or running jobs per client",
@@ -803,7 +816,7 @@ def rate_limit_check(key, now):
         }[doc["reason"]]
         raise http_error(429, "rate limit exceeded", details, headers={"Retry-After": str(retry)},
                          retry_after=retry, reason=doc["reason"])  # fmt: skip
-    return ledger
+    return submits
 
 
 def spool_submit(job_id, key, incoming):
@@ -814,7 +827,7 @@ def spool_submit(job_id, key, incoming):
     """
     now = time.time()
     with StateLock():
-        ledger = rate_limit_check(key, now)
+        submits = rate_limit_check(key, now)
         entries = queue_entries()
         if len(entries) >= MAX_QUEUED:
             raise http_error(503, "queue full", f"{len(entries)} jobs are waiting; try again shortly", headers={"Retry-After": "10"})
@@ -823,9 +836,9 @@ def spool_submit(job_id, key, incoming):
             seq = int(f.read()) + 1
         _write_atomic(seq_path, str(seq), 0o600)
         os.rename(incoming, state_path("http", "queue", f"{seq:016d}.{job_id}"))
-        ledger["submits"].append(now)
-        ledger["active"].append(job_id)
-        _write_json_atomic(state_path("http", "clients", key + ".json"), ledger, 0o600)
+        _write_json_atomic(state_path("http", "clients", key + ".json"), {"submits": submits + [now]}, 0o600)
+        if seq % 100 == 0:
+            _ledgers_sweep(now)
     runner_wake()
     return len(entries) + 1
 
@@ -1817,6 +1830,7 @@ class Runner:
         self.stopping = False
         self.heartbeat = 0.0
         self.next_scan = 0.0  # when to look at the queue and tombstones again without a wake-up
+        self.charges_swept = 0.0
 
     # 6.1 Start and the loop
 
@@ -1887,6 +1901,12 @@ class Runner:
         for job_id, expires in list(self.expiry.items()):
             if expires <= wall:
                 self._erase(job_id)
+        if now - self.charges_swept >= 60:
+            self.charges_swept = now
+            charges = state_path("runner", "charges")
+            for name in os.listdir(charges):  # only the last minute counts
+                if os.stat(os.path.join(charges, name)).st_mtime < wall - 60:
+                    os.unlink(os.path.join(charges, name))
         if now - self.heartbeat >= 1.0:
             self.heartbeat = now
             _write_atomic(state_path("runner", "alive"), str(os.getpid()))
@@ -1909,7 +1929,9 @@ class Runner:
         self._load()
 
     def _load(self):
-        _write_json_atomic(state_path("runner", "load.json"), {"running": len(self.jobs)})
+        """Publish how many jobs run, in all and per client (for the concurrency quota)."""
+        clients = collections.Counter(job.client for job in self.jobs.values())
+        _write_json_atomic(state_path("runner", "load.json"), {"running": len(self.jobs), "clients": clients})
 
     # 6.2 Claiming and starting
 
@@ -1926,7 +1948,12 @@ class Runner:
                 name = names[0]
                 match = _QUEUE_ENTRY.match(name)
                 try:
-                    return self._claim_entry(queue_fd, name, match.group(2)) if match else None
+                    job = self._claim_entry(queue_fd, name, match.group(2)) if match else None
+                    if job is not None:
+                        # Counted as running before the lock goes, so no submit sees it nowhere.
+                        self.jobs[job.id] = job
+                        self._load()
+                    return job
                 finally:
                     # Whatever it held, the entry goes: a poisoned one must not stall the queue.
                     _remove_beneath(queue_fd, name)
@@ -1969,8 +1996,6 @@ class Runner:
         for fd in (1, 2):
             path = state_path("runner", "jobs", job.id, "stdout" if fd == 1 else "stderr")
             job.logs[fd] = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644), 0, False]
-        self.jobs[job.id] = job
-        self._load()
         try:
             self.cgroups.create(job.id, job.manifest["memory_mb"] * MiB)
             job.handle = jail_spawn(JailSpec(job.id, job.manifest, job.payload_fd, self.cgroups, self.bpf))
