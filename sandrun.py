@@ -981,6 +981,7 @@ def _proc_status(field):
 
 #: Validated with python3, node (worker_threads), bash pipelines and coreutils;
 #: started from the list a spike traced with strace on Debian 12 (research/spike.md).
+#: Left off on purpose: sync (flushes every filesystem of the host: an I/O lever).
 SECCOMP_ALLOW = sorted("""
     accept accept4 access alarm arch_prctl bind brk capget chdir chmod chown clock_getres clock_gettime
     clock_nanosleep close close_range connect copy_file_range dup dup2 dup3 epoll_create epoll_create1
@@ -1001,7 +1002,7 @@ SECCOMP_ALLOW = sorted("""
     sched_getattr sched_getparam sched_getscheduler sched_setaffinity sched_yield select semctl semget
     semop semtimedop sendfile sendmmsg sendmsg sendto set_mempolicy set_robust_list set_tid_address
     setitimer setpgid setpriority setrlimit setsid setsockopt shmat shmctl shmdt shmget shutdown
-    sigaltstack signalfd signalfd4 splice stat statfs statx symlink symlinkat sync sync_file_range
+    sigaltstack signalfd signalfd4 splice stat statfs statx symlink symlinkat sync_file_range
     syncfs sysinfo tee tgkill time timer_create timer_delete timer_getoverrun timer_gettime
     timer_settime timerfd_create timerfd_gettime timerfd_settime times tkill truncate umask uname
     unlink unlinkat utime utimensat utimes vfork wait4 waitid write writev

@@ -99,6 +99,7 @@ rows = {
     # not on the allowlist at all (ENOSYS)
     "clone3": lambda: sys_(435, 0, 0),
     "kcmp": lambda: sys_(312, 0, 0, 0, 0, 0),
+    "sync": lambda: sys_(162),
     # the filesystem
     "read_shadow": lambda: attempt(lambda: open("/etc/shadow").close()),
     "read_host_root_home": lambda: attempt(lambda: os.listdir("/root")),
@@ -118,6 +119,7 @@ rows = {
     "loopback_inside": lambda: attempt(loopback_inside),
     "ioctl_fionread": lambda: attempt(lambda: fcntl.ioctl(r, termios.FIONREAD, b"\0\0\0\0")),
     "write_work": lambda: attempt(lambda: write("/work/x")),
+    "fsync_work": lambda: attempt(lambda: os.fsync(os.open("/work", os.O_RDONLY))),
     "write_tmp": lambda: attempt(lambda: write("/tmp/x")),
     "write_dev_shm": lambda: attempt(lambda: write("/dev/shm/x")),
     "write_dev_null": lambda: attempt(lambda: write("/dev/null")),
