@@ -1853,6 +1853,8 @@ class Runner:
             timeout = min([1.0] + [max(0.0, j.deadline - time.monotonic()) for j in self.jobs.values()])
             for key, _ in self.selector.select(timeout):
                 kind, job = key.data
+                if job is not None and self.jobs.get(job.id) is not job:
+                    continue  # ended earlier in this batch: its fds are closed already
                 if kind == "out":
                     self._on_output(job, key.fd)
                 elif kind == "setup":
