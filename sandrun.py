@@ -719,16 +719,19 @@ class StateLock:
         self.blocking = blocking
 
     def __enter__(self):
-        self.fd = os.open(state_path("http", "lock"), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(state_path("http", "lock"), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.blocking else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.blocking else fcntl.LOCK_NB))
         except BlockingIOError:
-            os.close(self.fd)
+            os.close(fd)
+            self.fd = None
             return False
+        self.fd = fd
         return True
 
     def __exit__(self, *exc):
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 def queue_entries():
@@ -2054,11 +2057,19 @@ class Runner:
             job.logs[stream][1] += len(data)
 
     def _on_setup(self, job):
+        self._setup_read(job)
+
+    def _setup_read(self, job):
+        """One message from the jail's setup socket; False once nothing more is waiting.
+
+        "W" carries the /work fd, "E..." a failed step; EOF means the socket's
+        last holders are gone: the init closed it and the job's execve did.
+        """
         sock = job.handle.setup
         try:
             data, fds, _, _ = socket.recv_fds(sock, 4096, 1, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            return
+            return False
         for fd in fds:
             if job.work_fd is None:
                 job.work_fd = fd
@@ -2067,11 +2078,12 @@ class Runner:
         if data.startswith(b"E"):
             job.setup_error = data[1:].decode(errors="replace")
         elif not data:
-            # Close-on-exec closed C2's end: execve happened (or C2 died).
             self.selector.unregister(sock)
             job.exec_done = job.setup_error is None
             os.close(job.handle.go_w)
             job.handle.go_w = None
+            return False
+        return True
 
     def _on_exit(self, job):
         h = job.handle
@@ -2088,18 +2100,8 @@ class Runner:
                 if not data:
                     break
                 self._log_append(job, stream, data)
-        if h.go_w is not None:
-            while True:  # an error report may still wait in the setup socket
-                try:
-                    data, fds, _, _ = socket.recv_fds(h.setup, 4096, 1, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    break
-                for fd in fds:
-                    os.close(fd)
-                if not data:
-                    break
-                if data.startswith(b"E"):
-                    job.setup_error = data[1:].decode(errors="replace")
+        while h.go_w is not None and self._setup_read(job):
+            continue  # messages and EOF the loop has not seen yet
         self._finish(job, status)
 
     # 6.4 Results

@@ -161,3 +161,23 @@ def test_node_heap_follows_memory_limit(server):
 def test_other_interpreters(server, interpreter, code, expected):
     doc, logs = server.run(code, interpreter)
     assert (doc["status"], logs["stdout"]) == ("completed", expected), (doc, logs)
+
+
+def test_many_quick_jobs_at_once_all_succeed_and_the_runner_never_restarts(server):
+    """Concurrent submits contend for the state lock with the runner's claims: nothing may fail."""
+    import collections
+    import concurrent.futures
+
+    jobs = [("pass", "python3"), ("true", "bash"), ("0", "node"), ("exit 3", "sh")]
+
+    def one(i):
+        code, interpreter = jobs[i % 4]
+        status, _, doc = server.json("POST", "/submit?wait=60", {"code": code, "interpreter": interpreter})
+        return status, interpreter, doc.get("reason"), doc.get("exit_code")
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        outcomes = collections.Counter(pool.map(one, range(160)))
+    assert outcomes == {(200, "python3", "exit_code", 0): 40, (200, "bash", "exit_code", 0): 40,
+                        (200, "node", "exit_code", 0): 40, (200, "sh", "exit_code", 3): 40}, outcomes
+    with open(server.log_path) as f:
+        assert "runner_died" not in f.read()
