@@ -780,7 +780,11 @@ def _cpu_charges(key, now):
 
 
 def quota(key, now):
-    """The caller's quota figures and, if it may not submit now, why and for how long."""
+    """The caller's quota figures and, if it may not submit now, why and for how long.
+
+    Call it under the StateLock: a claim moves a job from the queue to the
+    runner's count, and a reader between the two would count it twice.
+    """
     submits = _client_submits(key, now)
     active = _client_active(key)
     charges = _cpu_charges(key, now)
@@ -2393,7 +2397,8 @@ def _system_load():
 def handle_submit(req):
     now = time.time()
     key = client_key(client_address(req.environ))
-    rate_limit_check(key, now)  # cheap early answer; spool_submit checks again under the lock
+    with StateLock():
+        rate_limit_check(key, now)  # cheap early answer; spool_submit checks again as it queues
     media = (req.content_type or "").lower()
     cap = MANIFEST_MAX_BYTES if media == "application/json" else UPLOAD_MAX_BYTES
     if req.content_length is not None and req.content_length > cap:
@@ -2580,15 +2585,30 @@ def handle_delete(req, job_id):
 
 def handle_stats(req):
     key = client_key(client_address(req.environ))
-    doc, _, _ = quota(key, time.time())
+    with StateLock():
+        doc, _, _ = quota(key, time.time())
     return _json({"your_quota": doc, "system": _system_load()})
 
 
-def handle_health(req):
+def _runner_alive():
+    """The runner's heartbeat is fresh and the process that wrote it still exists."""
     try:
-        alive = time.time() - os.stat(state_path("runner", "alive")).st_mtime < 5
-    except FileNotFoundError:
-        alive = False
+        with open(state_path("runner", "alive")) as f:
+            fresh = time.time() - os.fstat(f.fileno()).st_mtime < 5
+            pid = int(f.read())
+    except (FileNotFoundError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return fresh  # it exists; a worker may not signal the root runner
+    return fresh
+
+
+def handle_health(req):
+    alive = _runner_alive()
     try:
         with tempfile.TemporaryFile(dir=state_path("http", "tmp")):
             writable = True

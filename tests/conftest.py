@@ -5,6 +5,7 @@ nothing leaked: no process of the server or of a job, no mount under the
 state directory, no job cgroup, no state entry.
 """
 
+import hashlib
 import http.client
 import io
 import json
@@ -24,9 +25,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import sandrun  # noqa: E402  (only for constants; the server runs in its own process)
-
-JOB_UID = 61000
-
 
 def _free_port():
     with socket.socket() as s:
@@ -163,6 +161,7 @@ def make_tar(members, mode="w:gz"):
 
 def leftovers(server):
     found = []
+    tag = "sandrun-" + hashlib.sha256(server.state_dir.encode()).hexdigest()[:8]
     with open("/proc/self/mountinfo") as f:
         found += [line.split()[4] for line in f if line.split()[4].startswith(server.workdir)]
     for pid in os.listdir("/proc"):
@@ -172,13 +171,13 @@ def leftovers(server):
             with open(f"/proc/{pid}/status") as f:
                 status = f.read()
             pgid = os.getpgid(int(pid))
+            with open(f"/proc/{pid}/cgroup") as f:
+                cgroups = f.read()
         except (FileNotFoundError, ProcessLookupError):
             continue  # exited while we looked
         uid = int(status.split("Uid:")[1].split()[0])
-        if pgid == server.proc.pid or uid == JOB_UID:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                found.append(f"process {pid} uid={uid} {f.read()[:200]!r}")
-    tag = "sandrun-" + __import__("hashlib").sha256(server.state_dir.encode()).hexdigest()[:8]
+        if pgid == server.proc.pid or tag in cgroups:  # the server's processes, or its jobs'
+            found.append(f"process {pid} uid={uid} state={status.split('State:')[1].split()[0]}")
     for root, dirs, _ in os.walk("/sys/fs/cgroup"):
         found += [os.path.join(root, d) for d in dirs if d == tag or d.startswith(f"job-{tag}")]
         dirs[:] = [d for d in dirs if d != tag]

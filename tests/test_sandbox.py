@@ -167,8 +167,15 @@ def test_runner_death_kills_its_jobs_and_health_follows(server):
     with open(os.path.join(server.state_dir, "runner", "alive")) as f:
         runner_pid = int(f.read())
     os.kill(runner_pid, signal.SIGKILL)
+    seen = []
+    for _ in range(20):  # the keeper waits 1 s before it restarts the runner
+        status, _, health = server.json("GET", "/health")
+        seen.append((status, health.get("details")))
+        if status == 503:
+            break
+        time.sleep(0.02)
+    assert seen[-1] == (503, "the runner is not alive"), seen
     queued = server.submit_code("print('after restart')", wait=0)
-    status, _, _ = server.json("GET", "/health")
     doc = server.wait(running["job_id"], 30)
     assert (doc["status"], doc["reason"]) == ("failed", "internal_error"), doc
     done = server.wait(queued["job_id"], 30)
