@@ -2695,6 +2695,7 @@ def app(environ, start_response):
 _CGROUPS = None
 _KEEPER = None  # (pid, pidfd) of the runner keeper, in the master
 _STATE_MOUNTED = False
+_STATE_LOCK = []  # the flocked fd of STATE_DIR, once this server owns it
 LOG_FORMAT = "%(asctime)s sandrun[%(process)d] %(levelname)s %(message)s"
 
 
@@ -2719,6 +2720,15 @@ def state_prepare():
     if not _is_mount_point(STATE_DIR, "tmpfs"):
         mount_tmpfs(STATE_DIR, f"size={STATE_TMPFS_BYTES},mode=0755", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         _STATE_MOUNTED = True
+    # Held for the master's life: a second server (or `sandrun.py check`) on the same
+    # directory would otherwise empty the first one's state below.
+    fd = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise HostError(f"another Sandrun server is using {STATE_DIR}") from None
+    _STATE_LOCK[:] = [fd]
     for name in os.listdir(STATE_DIR):  # nothing survives a restart
         path = os.path.join(STATE_DIR, name)
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
@@ -2878,12 +2888,14 @@ def server_stop():
         os.close(pidfd)
     if _CGROUPS is not None:
         _CGROUPS.release()
-    if _STATE_MOUNTED:
-        umount2(STATE_DIR, MNT_DETACH)
-    elif os.path.isdir(state_path("runner")):
-        for name in os.listdir(STATE_DIR):
-            path = os.path.join(STATE_DIR, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+    if _STATE_LOCK:  # only the owner of the state directory erases it
+        if _STATE_MOUNTED:
+            umount2(STATE_DIR, MNT_DETACH)
+        else:
+            for name in os.listdir(STATE_DIR):
+                path = os.path.join(STATE_DIR, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+        os.close(_STATE_LOCK.pop())
     log.info("event=server_stopped")
 
 

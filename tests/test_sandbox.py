@@ -198,3 +198,15 @@ def test_server_refuses_to_start_when_it_cannot_jail_safely(env, words):
     with pytest.raises(AssertionError, match=words):
         srv.start()
     assert srv.proc.returncode != 0
+
+
+def test_a_second_server_on_the_same_state_dir_refuses_and_harms_nothing(server):
+    from conftest import Server
+
+    doc, _ = server.run("print('kept')")
+    second = Server({"SANDRUN_STATE_DIR": server.state_dir}, "second")
+    second.state_dir = server.state_dir
+    with pytest.raises(AssertionError, match="another Sandrun server is using"):
+        second.start()
+    assert server.json("GET", "/health")[0] == 200
+    assert server.json("GET", f"/logs/{doc['job_id']}")[2]["stdout"] == "kept\n"
