@@ -146,3 +146,23 @@ def test_full_state_storage_is_503_not_an_error_and_recovers():
         assert status == 200 and json.loads(body)["status"] == "completed", body
     finally:
         srv.stop()
+
+
+def test_full_queue_is_503_with_retry_after():
+    from conftest import SUITE_ENV, Server
+
+    srv = Server({**SUITE_ENV, "SANDRUN_MAX_QUEUED": "1", "SANDRUN_MAX_RUNNING": "1"}, "queue").start()
+    try:
+        running = srv.submit_code("import time; time.sleep(60)", wait=0)
+        deadline = time.monotonic() + 20
+        while srv.json("GET", f"/status/{running['job_id']}")[2]["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        queued = srv.submit_code("print('waited')", wait=0)
+        status, headers, doc = srv.json("POST", "/submit", {"code": "print(1)", "interpreter": "python3"})
+        assert status == 503 and doc["error"] == "queue full" and int(headers["retry-after"]) > 0, doc
+        assert srv.request("DELETE", f"/jobs/{running['job_id']}")[0] == 204
+        assert srv.wait(queued["job_id"])["status"] == "completed"
+        assert srv.json("POST", "/submit", {"code": "print(1)", "interpreter": "python3"})[0] == 202
+    finally:
+        srv.stop()
