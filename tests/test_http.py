@@ -219,3 +219,13 @@ def test_parked_long_polls_do_not_starve_the_service(server):
     for t in pollers:
         t.join(60)
     assert results == ["completed"] * 12
+
+
+def test_long_poll_outlasts_the_worker_timeout(server):
+    """gunicorn's worker timeout is 30 s; a ?wait may hold a request for up to 60 s."""
+    started = time.monotonic()
+    status, _, doc = server.json("POST", "/submit?wait=60", {"code": "import time; time.sleep(35)", "interpreter": "python3"})
+    assert status == 200 and doc["status"] == "completed", doc
+    assert 35 <= time.monotonic() - started < 60
+    with open(server.log_path) as f:
+        assert "WORKER TIMEOUT" not in f.read()
