@@ -21,7 +21,8 @@ Processes and data flow
 
     client --HTTP--> worker --STATE/http/queue/<seq>.<id>/--> runner
     runner --fork--> C1 (joins cgroup, unshares) --fork--> C2 = pid 1 of the
-    job: mounts, pivot_root, drops privileges, seccomp, execve(interpreter).
+    jail: mounts, pivot_root, drops privileges, seccomp, then forks C3, which
+    execs the interpreter, and stays as the jail's init until C3 ends.
     worker <--STATE/runner/jobs/<id>/ (status.json, stdout, stderr, files/)--
 
 Invariants
@@ -84,7 +85,7 @@ import webob
 import webob.exc
 import webob.static
 
-__all__ = ["app", "server_start", "server_stop", "worker_start", "main"]
+__all__ = ["HostError", "app", "main", "runner_launch", "server_start", "server_stop", "worker_start"]
 
 VERSION = "1.0.0"
 log = logging.getLogger("sandrun")
