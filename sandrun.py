@@ -910,9 +910,10 @@ def spool_delete(job_id):
 # Runs in the runner (root, single-threaded) and in the processes it forks.
 # Per job: the runner forks C1, which joins the job's cgroup and unshares the
 # namespaces, then forks C2 (pid 1 of the new pid namespace) and exits; C2 is
-# reparented to the runner (a subreaper) and walks jail_enter() step by step
-# to execve. Any failure before execve reaches the runner over the setup
-# socket and the job runs nothing.
+# reparented to the runner (a subreaper), walks jail_enter() step by step,
+# forks the job (C3, which execs the interpreter) and stays as the jail's
+# init. Any failure before execve reaches the runner over the setup socket
+# and the job runs nothing.
 
 # 5.1 Kernel bindings: only what Python 3.11's os module lacks.
 
