@@ -2118,7 +2118,7 @@ class Runner:
         wall_ms = int((time.monotonic() - job.started) * 1000)
         cpu = peak = None
         oom = 0
-        if job.handle is not None or job.id in self.jobs:
+        if job.manifest is not None:  # a malformed queue entry never got a cgroup
             try:
                 cpu = self.cgroups.cpu_seconds(job.id)
                 peak = self.cgroups.memory_peak_bytes(job.id)
@@ -2520,7 +2520,7 @@ def handle_logs(req, job_id):
                 data = b""  # not started yet, or erased a moment ago
         doc[name] = data.decode("utf-8", "replace")
         doc[name + "_truncated"] = bool(record and record.get(name + "_truncated")) or len(data) >= OUTPUT_STREAM_MAX_BYTES
-    return _json({"stdout": doc["stdout"], "stderr": doc["stderr"], "stdout_truncated": doc["stdout_truncated"], "stderr_truncated": doc["stderr_truncated"]})
+    return _json(doc)
 
 
 def handle_outputs(req, job_id):
@@ -2710,6 +2710,12 @@ def _is_mount_point(path, fstype):
     return False
 
 
+def _state_empty():
+    for name in os.listdir(STATE_DIR):
+        path = os.path.join(STATE_DIR, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+
+
 def state_prepare():
     """Master: a fresh, size-capped tmpfs state directory with its layout and owners."""
     global _STATE_MOUNTED
@@ -2731,9 +2737,7 @@ def state_prepare():
         os.close(fd)
         raise HostError(f"another Sandrun server is using {STATE_DIR}") from None
     _STATE_LOCK[:] = [fd]
-    for name in os.listdir(STATE_DIR):  # nothing survives a restart
-        path = os.path.join(STATE_DIR, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+    _state_empty()  # nothing survives a restart
     os.chmod(STATE_DIR, 0o755)
     user = pwd.getpwnam(HTTP_USER)
     os.mkdir(state_path("http"), 0o700)
@@ -2894,9 +2898,7 @@ def server_stop():
         if _STATE_MOUNTED:
             umount2(STATE_DIR, MNT_DETACH)
         else:
-            for name in os.listdir(STATE_DIR):
-                path = os.path.join(STATE_DIR, name)
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+            _state_empty()
         os.close(_STATE_LOCK.pop())
     log.info("event=server_stopped")
 
