@@ -77,6 +77,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import traceback
 import urllib.parse
 import zipfile
 
@@ -236,9 +237,14 @@ _CLIENT_KEY = b""  # HMAC key for client addresses; made in the master at start
 
 
 def client_address(environ):
-    """The client's address: the peer, or X-Forwarded-For's nearest untrusted hop."""
+    """The client's address: the peer, or X-Forwarded-For's nearest untrusted hop.
+
+    A peer on a UNIX-socket bind has no address (REMOTE_ADDR is empty) and is
+    always trusted, as gunicorn trusts it: it is the local reverse proxy, and
+    the socket's file mode decides who else may connect.
+    """
     peer = environ.get("REMOTE_ADDR") or ""
-    trusted = {p.strip() for p in FORWARDED_ALLOW_IPS.split(",") if p.strip()}
+    trusted = {p.strip() for p in FORWARDED_ALLOW_IPS.split(",") if p.strip()} | {""}
     if peer not in trusted:
         return peer
     hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
@@ -2755,6 +2761,7 @@ def state_prepare():
 def server_start():
     """Master, on start: check the host, prepare state and cgroups; HostError if it cannot serve."""
     global _CLIENT_KEY, _CGROUPS
+    prctl.set_name("sandrun-master")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     if os.geteuid() != 0:
@@ -2791,7 +2798,8 @@ def _host_probe():
             try:
                 host_check(_CGROUPS, seccomp_build())
             except (HostError, OSError, RuntimeError) as exc:
-                os.write(write_fd, f"{type(exc).__name__}: {exc}".encode()[:4000])
+                where = traceback.extract_tb(exc.__traceback__)[-1]  # the operator's first clue on a new host
+                os.write(write_fd, f"{type(exc).__name__}: {exc} (in {where.name}, line {where.lineno})".encode()[:4000])
                 os._exit(1)
             os._exit(0)
         finally:
@@ -2830,6 +2838,7 @@ def runner_launch():
 
 
 def _keeper_main(master):
+    prctl.set_name("sandrun-keeper")  # what ps and top show: each process says what it is
     prctl.set_pdeathsig(signal.SIGTERM)  # the master died: stop the runner, then go
     if os.getppid() != master:
         return
@@ -2862,6 +2871,7 @@ def _keeper_main(master):
 
 
 def _runner_main(keeper):
+    prctl.set_name("sandrun-runner")
     prctl.set_pdeathsig(signal.SIGTERM)
     if os.getppid() != keeper:
         return
@@ -2873,6 +2883,7 @@ def _runner_main(keeper):
 
 def worker_start():
     """Each HTTP worker, after fork: multipart spill files go to the state tmpfs, not disk."""
+    prctl.set_name("sandrun-http")
     tempfile.tempdir = state_path("http", "tmp")
 
 

@@ -83,7 +83,11 @@ class Server:
     # HTTP ------------------------------------------------------------------
 
     def request(self, method, path, body=None, headers=None, source="127.0.0.1", timeout=90):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout, source_address=(source, 0))
+        bind = self.env["SANDRUN_BIND"]
+        if bind.startswith("unix:"):
+            conn = UnixHTTPConnection(bind[len("unix:"):], timeout=timeout)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout, source_address=(source, 0))
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
@@ -122,6 +126,19 @@ class Server:
             if doc["status"] in ("completed", "failed"):
                 return doc
         raise AssertionError(f"job {job_id} did not finish")
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a UNIX socket, as nginx reaches the appliance's gunicorn."""
+
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
 
 
 def multipart(fields, files):

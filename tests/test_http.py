@@ -1,9 +1,13 @@
 """The HTTP contract of ../shared/API.md: routes, methods, shapes, errors, CORS."""
 
+import collections
 import json
+import os
 import time
 
 import pytest
+
+import sandrun
 
 JOB_ID = "job-" + "0" * 32
 
@@ -229,3 +233,28 @@ def test_long_poll_outlasts_the_worker_timeout(server):
     assert 35 <= time.monotonic() - started < 60
     with open(server.log_path) as f:
         assert "WORKER TIMEOUT" not in f.read()
+
+
+def test_each_process_names_its_role_and_only_the_workers_are_unprivileged(server):
+    import pwd
+
+    def roles():
+        found = collections.Counter()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if os.getpgid(int(pid)) != server.proc.pid:
+                    continue
+                with open(f"/proc/{pid}/status") as f:
+                    status = dict(line.split(":\t", 1) for line in f.read().splitlines())
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # exited while we looked
+            found[status["Name"], int(status["Uid"].split()[1])] += 1  # effective uid
+        return found
+
+    http_uid = pwd.getpwnam(sandrun.HTTP_USER).pw_uid
+    expected = {("sandrun-master", 0): 1, ("sandrun-keeper", 0): 1, ("sandrun-runner", 0): 1,
+                ("sandrun-http", http_uid): sandrun.HTTP_WORKERS}
+    deadline = time.monotonic() + 10  # a worker that has not served yet may still be starting
+    while (found := roles()) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert found == expected

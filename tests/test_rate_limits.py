@@ -114,3 +114,21 @@ def test_forwarded_for_is_believed_only_from_a_trusted_proxy():
         assert srv.json("GET", "/stats", source="127.0.0.2", headers=proxied)[2]["your_quota"]["jobs_this_hour"] == 0
     finally:
         srv.stop()
+
+
+def test_a_unix_socket_peer_is_the_trusted_proxy():
+    """The appliance's nginx reaches gunicorn over a UNIX socket: its X-Forwarded-For names the client."""
+    from conftest import Server
+
+    srv = Server({}, "unix")
+    srv.env["SANDRUN_BIND"] = f"unix:{srv.workdir}/http.sock"
+    srv.start()
+    try:
+        first, second = {"X-Forwarded-For": "198.51.100.7"}, {"X-Forwarded-For": "198.51.100.8"}
+        status, _, doc = srv.json("POST", "/submit?wait=30", {"code": "pass", "interpreter": "python3"}, headers=first)
+        assert status == 200 and doc["status"] == "completed"
+        assert srv.json("GET", "/stats", headers=first)[2]["your_quota"]["jobs_this_hour"] == 1
+        assert srv.json("GET", "/stats", headers=second)[2]["your_quota"]["jobs_this_hour"] == 0
+        assert srv.json("GET", "/stats")[2]["your_quota"]["jobs_this_hour"] == 0  # no header: not the client's bucket
+    finally:
+        srv.stop()
