@@ -57,12 +57,55 @@ lint: setup  ## Compile every file and validate the gunicorn config
 	$(VENV)/bin/python -m py_compile sandrun.py gunicorn.conf.py tests/*.py
 	$(VENV)/bin/gunicorn --check-config -c gunicorn.conf.py sandrun:app
 
+## Appliance image -------------------------------------------------------------
+# mkosi 24 runs from a bookworm-backports tools tree (build/tools, made once);
+# qemu boots the disk under UEFI (OVMF). See image/ and README "Run the appliance".
+
+IMAGE_APT_PACKAGES := debootstrap ovmf qemu-system-x86
+IMAGE_DIR := build/image
+IMAGE := $(IMAGE_DIR)/sandrun.raw
+IMAGE_PORT ?= 8480
+VERSION := $(shell sed -n 's/^VERSION = "\(.*\)"$$/\1/p' sandrun.py)
+SOURCE_DATE_EPOCH := $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
+
+.image-apt.installed:
+	@missing=$$(for p in $(IMAGE_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -q; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	touch $@
+
+.PHONY: image
+image: setup .image-apt.installed  ## Build the appliance disk image (build/image/sandrun.raw)
+	rm -rf build/image-root
+	mkdir -p build/image-root/opt/sandrun build/image-root/etc/nginx/sites-available
+	cp sandrun.py gunicorn.conf.py README.md build/image-root/opt/sandrun/
+	cp image/nginx/sandrun.conf build/image-root/etc/nginx/sites-available/
+	# The very files make test ran with, built here for the image's python3 (the same 3.11 as /usr/bin/python3).
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-compile \
+		--target build/image-root/opt/sandrun/lib -r requirements.txt
+	image/mkosi-tools build/tools --directory image --force \
+		--extra-tree $(CURDIR)/build/image-root --output-dir $(CURDIR)/$(IMAGE_DIR) \
+		--image-version $(VERSION) --source-date-epoch $(SOURCE_DATE_EPOCH) \
+		--incremental --cache-dir $(CURDIR)/build/mkosi-cache build
+
+.PHONY: image-boot
+image-boot: .image-apt.installed  ## Boot the image under qemu; nginx on 127.0.0.1:$(IMAGE_PORT), Ctrl-A X quits
+	@test -e $(IMAGE) || { echo "no $(IMAGE): run make image first"; exit 1; }
+	image/qemu $(IMAGE) $(IMAGE_PORT)
+
+.PHONY: image-test
+image-test: image  ## Build, boot, and run the smoke suite against the appliance
+	$(VENV)/bin/python -m pytest -p no:cacheprovider -v tests/appliance_smoke.py
+
 ## Housekeeping ------------------------------------------------------------------
 
 .PHONY: clean
-clean:  ## Remove the venv and stamps
-	rm -rf $(VENV) .apt.installed
+clean:  ## Remove the venv, stamps and build/ (the image and its tools tree)
+	rm -rf $(VENV) .apt.installed .image-apt.installed build
 
 .PHONY: help
 help:  ## List the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
