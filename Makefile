@@ -98,7 +98,7 @@ image-boot: .image-apt.installed  ## Boot the image under qemu; nginx on 127.0.0
 
 .PHONY: image-test
 image-test: image  ## Build, boot, and run the smoke suite against the appliance
-	$(VENV)/bin/python -m pytest -p no:cacheprovider -v tests/appliance_smoke.py
+	$(VENV)/bin/python -m pytest -p no:cacheprovider -W "ignore:'cgi' is deprecated:DeprecationWarning" -v tests/appliance_smoke.py
 
 ## Housekeeping ------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ code path is proven, and the hardened units with it.
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import tempfile
@@ -58,7 +59,7 @@ class Appliance:
 
     def stop(self):
         if self.proc.poll() is None:
-            self.proc.terminate()
+            os.killpg(self.proc.pid, signal.SIGTERM)  # qemu and the script that started it
             self.proc.wait(timeout=30)
 
     def request(self, method, path, doc=None, body=None, headers=None, timeout=90):
@@ -119,6 +120,15 @@ def test_python_node_and_bash_jobs_run(appliance):
     for interpreter, code, expected in cases:
         doc, logs = appliance.run(code, interpreter)
         assert (doc["status"], doc["reason"], logs["stdout"]) == ("completed", "exit_code", expected), (doc, logs)
+
+
+def test_a_job_has_its_loopback_and_no_network(appliance):
+    """The unit's IP firewall (localhost only) and the job's own network namespace, together."""
+    code = ("import socket\ns = socket.create_server(('127.0.0.1', 0))\nc = socket.create_connection(s.getsockname())\n"
+            "s.accept()[0].sendall(b'lo')\nprint(c.recv(2).decode())\n"
+            "try:\n    socket.create_connection(('10.0.2.2', 80), timeout=5)\nexcept OSError as e:\n    print(e.errno)\n")
+    doc, logs = appliance.run(code, "python3")
+    assert logs["stdout"] == "lo\n101\n", (doc, logs)  # ENETUNREACH: only lo exists
 
 
 def test_memory_bomb_ends_with_memory_limit(appliance):

@@ -46,3 +46,39 @@ def test_make_targets_in_readme_exist():
     for target in re.findall(r"\| `make ([a-z-]+)` \|", README):
         assert re.search(rf"^{target}:", makefile, re.M), target
     assert "make run" in README and "make test" in README
+
+
+IMAGE = os.path.join(os.path.dirname(__file__), "..", "image")
+
+
+def _image_file(*parts):
+    with open(os.path.join(IMAGE, *parts)) as f:
+        return f.read()
+
+
+def test_nginx_site_matches_the_servers_limits_and_socket():
+    site = _image_file("nginx", "sandrun.conf")
+    assert re.search(r"client_max_body_size (\d+)m;", site).group(1) == str(sandrun.UPLOAD_MAX_BYTES >> 20)
+    assert f'"the limit is {sandrun.UPLOAD_MAX_BYTES} bytes"' in site  # nginx's own 413, in the contract's shape
+    assert int(re.search(r"proxy_read_timeout (\d+)s;", site).group(1)) > max(sandrun.WAIT_MAX_S, sandrun.JOB_TIMEOUT_S)
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in site  # replaced, never appended: no client can spoof it
+    unit = _image_file("mkosi.extra", "etc", "systemd", "system", "sandrun.service")
+    socket_path = re.search(r"server (unix:\S+);", site).group(1)
+    assert f"Environment=SANDRUN_BIND={socket_path}\n" in unit
+
+
+def test_the_units_settings_exist_and_its_hardening_is_alphabetical():
+    unit = _image_file("mkosi.extra", "etc", "systemd", "system", "sandrun.service")
+    for name in re.findall(r"^Environment=(SANDRUN_[A-Z_]+)=", unit, re.M):
+        assert name in sandrun.SETTINGS, name
+    hardening = unit.split("# Hardening, alphabetical")[1].split("\n\n")[0].splitlines()[1:]
+    keys = [line.split("=")[0] for line in hardening if not line.startswith("#")]
+    assert keys == sorted(keys), "hardening directives are kept alphabetical"
+
+
+def test_the_image_runs_the_pinned_dependencies():
+    """make image installs requirements.txt itself; Debian's python3-* packages would be other versions."""
+    packages = re.search(r"^Packages=\n((?:    .+\n)+)", _image_file("mkosi.conf"), re.M).group(1).split()
+    assert not [p for p in packages if p.startswith("python3-")], packages
+    pins = [line.split("#")[0].strip() for line in open(os.path.join(IMAGE, "..", "requirements.txt"))]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.]*", pin) for pin in pins if pin), pins
