@@ -57,6 +57,17 @@ lint: setup  ## Compile every file and validate the gunicorn config
 	$(VENV)/bin/python -m py_compile sandrun.py gunicorn.conf.py tests/*.py
 	$(VENV)/bin/gunicorn --check-config -c gunicorn.conf.py sandrun:app
 
+## Benchmark ---------------------------------------------------------------------
+
+.bench-apt.installed:
+	@dpkg-query -W -f='$${Status}\n' bubblewrap 2>/dev/null | grep -q '^install ok installed' || { \
+		apt-get update -q; DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends bubblewrap; }
+	touch $@
+
+.PHONY: bench
+bench: setup .bench-apt.installed  ## Measure jail overhead, throughput, latency and memory (bench/results/)
+	$(VENV)/bin/python bench/bench.py
+
 ## Appliance image -------------------------------------------------------------
 # mkosi 24 runs from a bookworm-backports tools tree (build/tools, made once);
 # qemu boots the disk under UEFI (OVMF). See image/ and README "Run the appliance".
@@ -104,7 +115,7 @@ image-test: image  ## Build, boot, and run the smoke suite against the appliance
 
 .PHONY: clean
 clean:  ## Remove the venv, stamps and build/ (the image and its tools tree)
-	rm -rf $(VENV) .apt.installed .image-apt.installed build
+	rm -rf $(VENV) .apt.installed .image-apt.installed .bench-apt.installed build
 
 .PHONY: help
 help:  ## List the targets
