@@ -64,6 +64,19 @@ def test_namespaces_hide_the_host(probe):
     assert "ro" in mounts["/"].split(",") and "rw" in mounts["/work"].split(",")
 
 
+def test_the_job_holds_its_three_standard_streams_and_nothing_else(server):
+    # listdir opens the lowest free fd itself: 3, if 0, 1 and 2 are all the job inherited
+    doc, logs = server.run("import os\nprint(sorted(os.listdir('/proc/self/fd')), os.readlink('/proc/self/fd/1')[:5])")
+    assert logs["stdout"] == "['0', '1', '2', '3'] pipe:\n", logs
+
+
+def test_the_jobs_own_cgroup_is_the_root_of_its_cgroup_namespace(server):
+    """Joined before the namespace was made: a job cannot even name the host's cgroup tree."""
+    doc, logs = server.run("print(open('/proc/self/cgroup').read(), end='')")
+    lines = logs["stdout"].splitlines()
+    assert lines and all(line.endswith(":/") for line in lines), lines
+
+
 def test_jobs_cannot_see_each_other(server):
     """Class F: two jobs at once; the second looks for every trace of the first."""
     first = server.submit_code(
