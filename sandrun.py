@@ -2362,7 +2362,12 @@ def _output_copy(dir_fd, name, st, dest, rel, files, state):
 # anything unexpected into a bare 500 and adds CORS to every answer.
 
 JSON_TYPE = "application/json; charset=utf-8"
-WAIT_POLL_MIN_S, WAIT_POLL_MAX_S = 0.005, 0.05
+#: A long-poll wakes on inotify events; this timer only backs them up (an event
+#: could be missed if the job's directory appears between two looks).
+WAIT_BACKSTOP_S = 0.5
+# <sys/inotify.h>
+IN_MOVED_TO, IN_CREATE, IN_ONLYDIR = 0x80, 0x100, 0x1000000
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 
 
 def _json(doc, status=200, headers=None):
@@ -2392,15 +2397,39 @@ def _lookup_or_404(job_id):
 
 
 def _wait_finished(job_id, wait_s):
-    """Poll the job's status until it is finished or wait_s passed; the last lookup (or None)."""
+    """Look up the job until it is finished or wait_s passed; the last lookup (or None).
+
+    Between looks the thread sleeps on inotify: the runner creates the job's
+    directory when it claims the job and renames each new status into it, so
+    an answer leaves as soon as the job ends, not on the next tick of a timer.
+    """
+    if not JOB_ID.match(job_id):
+        return None  # before any path is made of it
     deadline = time.monotonic() + wait_s
-    delay = WAIT_POLL_MIN_S
-    while True:
-        found = job_lookup(job_id)
-        if found is None or found[0]["status"] in ("completed", "failed") or time.monotonic() >= deadline:
-            return found
-        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 1.5, WAIT_POLL_MAX_S)  # quick answers for quick jobs, little load for slow ones
+    jobs = state_path("runner", "jobs")
+    notify = _libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)  # fails past max_user_instances: timer only
+    watching_job = False
+    try:
+        if notify >= 0:
+            _libc.inotify_add_watch(notify, jobs.encode(), IN_CREATE | IN_ONLYDIR)
+        while True:
+            if notify >= 0 and not watching_job:  # before the look, so no rename can slip between the two
+                watching_job = _libc.inotify_add_watch(notify, os.path.join(jobs, job_id).encode(), IN_MOVED_TO | IN_ONLYDIR) >= 0
+            found = job_lookup(job_id)
+            left = deadline - time.monotonic()
+            if found is None or found[0]["status"] in ("completed", "failed") or left <= 0:
+                return found
+            if notify < 0:
+                time.sleep(min(left, 0.05))
+                continue
+            select.select([notify], [], [], min(left, WAIT_BACKSTOP_S))
+            try:
+                os.read(notify, 65536)
+            except BlockingIOError:
+                pass  # the backstop timer, not an event
+    finally:
+        if notify >= 0:
+            os.close(notify)
 
 
 def handle_info(req):
