@@ -20,8 +20,9 @@ Processes and data flow
            one selector loop, writes results to STATE/runner/jobs/<id>/.
 
     client --HTTP--> worker --STATE/http/queue/<seq>.<id>/--> runner
-    runner --fork--> C1 (joins cgroup, unshares) --fork--> C2 = pid 1 of the
-    jail: mounts, pivot_root, drops privileges, seccomp, then forks C3, which
+    runner --clone3--> C2 = pid 1 of new namespaces, in the jail's cgroup:
+    mounts, pivot_root, network; built ahead ("spare"), it then waits for
+    its job; given one, drops privileges, loads seccomp, spawns C3, which
     execs the interpreter, and stays as the jail's init until C3 ends.
     worker <--STATE/runner/jobs/<id>/ (status.json, stdout, stderr, files/)--
 
@@ -44,12 +45,14 @@ Contents (grep -n '^# [0-9]')
     4. Job spool and queue      8. Process management and command line
 """
 
+import array
 import bz2
 import collections
 import ctypes
 import ctypes.util
 import errno
 import fcntl
+import gc
 import grp
 import gzip
 import hashlib
@@ -914,12 +917,13 @@ def spool_delete(job_id):
 
 # 5. Sandbox ------------------------------------------------------------------
 # Runs in the runner (root, single-threaded) and in the processes it forks.
-# Per job: the runner forks C2 with clone3() straight into new namespaces
-# (and, on cgroup v2, straight into the job's cgroup). C2 is pid 1 of the new
-# pid namespace; it walks jail_enter() step by step, spawns the job (C3, by
-# vfork and execve of the interpreter) and stays as the jail's init. Any
-# failure before execve reaches the runner over the setup socket and the job
-# runs nothing. One fork of this Python process per job: on a VM a fork costs
+# Per jail: the runner forks C2 with clone3() straight into new namespaces
+# (and, on cgroup v2, straight into the jail's fresh cgroup). C2 is pid 1 of
+# the new pid namespace; it walks jail_enter() step by step, and once the
+# runner sends it a job, spawns it (C3, by vfork and execve of the
+# interpreter) and stays as the jail's init. The runner builds the next jail
+# before its job arrives. Any failure before execve reaches the runner over
+# the setup socket and the job runs nothing. One fork of this Python process per job: on a VM a fork costs
 # about 0.1 ms per MiB resident, the largest part of a job's overhead.
 
 # 5.1 Kernel bindings: only what Python 3.11's os module lacks.
@@ -1229,18 +1233,29 @@ class Cgroups:
         return os.path.join(self.base[controller], name, filename)
 
     def create(self, name, memory_bytes):
-        """Make the job's cgroup(s) and set memory (no swap), pids and one CPU of bandwidth."""
+        """Make a jail's cgroup(s) and set memory (no swap), pids and one CPU of bandwidth."""
         for path in self.job_dirs(name):
             os.mkdir(path, 0o700)
         if self.version == 2:
-            limits = [("memory", "memory.max", str(memory_bytes)), ("memory", "memory.swap.max", "0"),
-                      ("memory", "memory.oom.group", "1"), ("pids", "pids.max", str(JOB_PIDS_MAX)),
-                      ("cpu", "cpu.max", f"{CPU_PERIOD_US} {CPU_PERIOD_US}")]  # fmt: skip
+            limits = [("memory", "memory.swap.max", "0"), ("memory", "memory.oom.group", "1"),
+                      ("pids", "pids.max", str(JOB_PIDS_MAX)), ("cpu", "cpu.max", f"{CPU_PERIOD_US} {CPU_PERIOD_US}")]  # fmt: skip
         else:
-            limits = [("memory", "memory.limit_in_bytes", str(memory_bytes)), ("pids", "pids.max", str(JOB_PIDS_MAX)),
-                      ("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US)), ("cpu", "cpu.cfs_quota_us", str(CPU_PERIOD_US))]  # fmt: skip
+            limits = [("pids", "pids.max", str(JOB_PIDS_MAX)), ("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US)),
+                      ("cpu", "cpu.cfs_quota_us", str(CPU_PERIOD_US))]  # fmt: skip
+        self._set(name, limits)
+        self.limit_memory(name, memory_bytes)
+
+    def limit_memory(self, name, memory_bytes):
+        """Memory and memory plus swap, both the same: no swap. Lowered when a built jail gets its job."""
+        if self.version == 2:
+            limits = [("memory", "memory.max", str(memory_bytes))]
+        else:
+            limits = [("memory", "memory.limit_in_bytes", str(memory_bytes))]  # first: memsw may never be below it
             if os.path.exists(self._file(name, "memory", "memory.memsw.limit_in_bytes")):
-                limits.insert(1, ("memory", "memory.memsw.limit_in_bytes", str(memory_bytes)))
+                limits.append(("memory", "memory.memsw.limit_in_bytes", str(memory_bytes)))
+        self._set(name, limits)
+
+    def _set(self, name, limits):
         for controller, filename, value in limits:
             path = self._file(name, controller, filename)
             if filename == "memory.swap.max" and not os.path.exists(path) and not _swap_enabled():
@@ -1325,7 +1340,7 @@ class Cgroups:
             prefix = f"job-{cgroup_tag()}-"
             names = {n[len(prefix):] for n in os.listdir(self.base["v2"]) if n.startswith(prefix)}
         else:
-            names = {n for path in self.base.values() if os.path.isdir(path) for n in os.listdir(path) if n.startswith("job-")}
+            names = {e.name for path in self.base.values() if os.path.isdir(path) for e in os.scandir(path) if e.is_dir()}  # all ours
         for name in sorted(names):
             self.kill_and_remove(name)
         return len(names)
@@ -1336,9 +1351,9 @@ def _swap_enabled():
         return len(f.read().splitlines()) > 1
 
 
-# 5.4 The jail. jail_spawn() runs in the runner; _jail_c1() and jail_enter()
-# in the forked children. Their bodies sit in try/finally os._exit(): no
-# exception can unwind a child back into the runner's loop.
+# 5.4 The jail. jail_build() and jail_assign() run in the runner, jail_enter()
+# in the cloned child. Its body sits in try/finally os._exit(): no exception
+# can unwind a child back into the runner's loop.
 
 EXIT_JAIL_FAILED = 125  # a child's exit code when a jail step failed (the runner also gets the reason)
 JAIL_ROOT_SIZE = "1m"  # the root tmpfs holds only mount points and a few /etc files
@@ -1349,11 +1364,10 @@ JAIL_DEV_NODES = ("full", "null", "random", "urandom", "zero")
 
 
 class JailSpec:
-    """Everything a jail needs, resolved by the runner before it forks."""
+    """A job as a jail receives it (jail_assign), resolved by the runner from its manifest."""
 
-    def __init__(self, job_id, manifest, payload_fd, cgroups, bpf):
-        self.job_id, self.manifest, self.payload_fd = job_id, manifest, payload_fd
-        self.cgroups, self.bpf = cgroups, bpf
+    def __init__(self, manifest, payload_fd):
+        self.manifest, self.payload_fd = manifest, payload_fd
         self.memory_bytes = manifest["memory_mb"] * MiB
         self.timeout_s = manifest["timeout"]
         interpreter = INTERPRETERS[manifest["interpreter"]]
@@ -1370,10 +1384,10 @@ class JailSpec:
 
 
 class JailHandle:
-    """The runner's side of one running jail."""
+    """The runner's side of one jail: built first (jail_build), then given its job (jail_assign)."""
 
-    def __init__(self, pid, pidfd, stdout_r, stderr_r, setup, go_w, status_r):
-        self.pid, self.pidfd = pid, pidfd
+    def __init__(self, cgroup, pid, pidfd, stdout_r, stderr_r, setup, go_w, status_r):
+        self.cgroup, self.pid, self.pidfd = cgroup, pid, pidfd
         self.stdout_r, self.stderr_r, self.setup, self.go_w, self.status_r = stdout_r, stderr_r, setup, go_w, status_r
 
 
@@ -1384,8 +1398,20 @@ class JailEnds:
         self.stdout_w, self.stderr_w, self.go_r, self.setup, self.status_w = stdout_w, stderr_w, go_r, setup, status_w
 
 
-def jail_spawn(spec):
-    """Runner: start a job in a new jail; returns a JailHandle. Raises JailError if the clone fails."""
+def jail_build(cgroups, bpf):
+    """Runner: a new jail, built as far as it goes without a job; returns a JailHandle.
+
+    All of it is the same for every job, so the runner builds the next jail
+    while it waits or while jobs run, and a job waits only for jail_assign().
+    The jail has its own fresh cgroup, with the largest memory limit until
+    jail_assign() lowers it. Raises JailError if the cgroup or the clone fails.
+    """
+    cgroup = "jail-" + secrets.token_hex(8)
+    try:
+        cgroups.create(cgroup, JOB_MEMORY_MAX_BYTES)
+    except OSError as exc:
+        cgroups.kill_and_remove(cgroup)
+        raise JailError(f"cgroup: {exc}") from None
     stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
     stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)  # never written: EOF on go_r tells C2 the runner is gone
@@ -1394,16 +1420,17 @@ def jail_spawn(spec):
     ends = JailEnds(stdout_w, stderr_w, go_r, setup_child, status_w)
     cgroup_fd = None
     try:
-        cgroup_fd = spec.cgroups.clone_target(spec.job_id)
+        cgroup_fd = cgroups.clone_target(cgroup)
         # New mount, pid, network, IPC and UTS namespaces: the job sees none of the
         # host's mounts, processes, interfaces, SysV IPC or name. (The cgroup
-        # namespace comes in jail_enter, once C2 is inside the job's cgroup.)
+        # namespace comes in jail_enter, once C2 is inside the jail's cgroup.)
         pid, pidfd = clone3(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS, cgroup_fd)
     except OSError as exc:
         for fd in (stdout_r, stdout_w, stderr_r, stderr_w, go_r, go_w, status_r, status_w):
             os.close(fd)
         setup_parent.close()
         setup_child.close()
+        cgroups.kill_and_remove(cgroup)
         raise JailError(f"clone: {exc}") from None
     finally:
         if cgroup_fd is not None:
@@ -1413,7 +1440,7 @@ def jail_spawn(spec):
             for fd in (go_w, stdout_r, stderr_r, status_r):
                 os.close(fd)  # so that EOF on each pipe means what it should
             setup_parent.close()
-            jail_enter(spec, ends)
+            jail_enter(cgroups, cgroup, bpf, ends)
         finally:
             os._exit(EXIT_JAIL_FAILED)
     for fd in (stdout_w, stderr_w, go_r, status_w):
@@ -1421,7 +1448,33 @@ def jail_spawn(spec):
     setup_child.close()
     for fd in (stdout_r, stderr_r, status_r):
         os.set_blocking(fd, False)
-    return JailHandle(pid, pidfd, stdout_r, stderr_r, setup_parent, go_w, status_r)
+    return JailHandle(cgroup, pid, pidfd, stdout_r, stderr_r, setup_parent, go_w, status_r)
+
+
+def _memfd(name, data):
+    fd = os.memfd_create(name)
+    with open(fd, "wb", closefd=False) as f:
+        f.write(data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def jail_assign(handle, spec, cgroups):
+    """Runner: give a built jail its job: its memory limit, then argv, env, timeout, payload and stdin.
+
+    The job travels as file descriptors (its description in a memfd), so no
+    manifest is too large for one message. Raises JailError if the jail is gone.
+    """
+    cgroups.limit_memory(handle.cgroup, spec.memory_bytes)
+    description = _memfd("job", json.dumps({"argv": spec.argv, "env": spec.env, "timeout_s": spec.timeout_s}).encode())
+    stdin = _memfd("stdin", spec.stdin) if spec.stdin else os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        socket.send_fds(handle.setup, [b"J"], [description, spec.payload_fd, stdin])
+    except OSError as exc:
+        raise JailError(f"jail gone before its job: {exc}") from None
+    finally:
+        os.close(description)
+        os.close(stdin)
 
 
 def jail_job_status(handle, init_status):
@@ -1439,17 +1492,21 @@ def _jail_report(setup, step, exc):
     setup.send(text.encode(errors="replace"))
 
 
-def jail_enter(spec, ends):
+def jail_enter(cgroups, cgroup, bpf, ends):
     """C2: pid 1 of the job's namespaces, root until the drop. Never returns.
 
     One step per line, in the order the security argument needs. On any
-    failure the runner is told which step failed and nothing runs. C2 ends
-    as the jail's init (jail_init): the job itself is its child C3, so the
-    job has ordinary signal semantics and its orphans are reaped.
+    failure the runner is told which step failed and nothing runs. The
+    steps up to "wait for the job" are the same for every job; then the
+    runner sends one (jail_assign). C2 ends as the jail's init (jail_init):
+    the job itself is its child C3, so the job has ordinary signal semantics
+    and its orphans are reaped.
     """
     step = "start"
     setup = ends.setup
     try:
+        prctl.set_name("sandrun-jail")  # in ps on the host: a jail's init (a spare one until setsid)
+        gc.disable()  # a collection would touch, and so copy, the runner's pages: memory charged to the job
         step = "death signal"
         # If the runner dies, the kernel kills pid 1 and with it the whole job.
         prctl.set_pdeathsig(signal.SIGKILL)
@@ -1458,8 +1515,8 @@ def jail_enter(spec, ends):
         step = "cgroup"
         # On v2 clone3 made C2 inside the job's cgroup; v1 has no such clone, so C2
         # joins it now, before it creates anything a job could use.
-        if spec.cgroups.version == 1:
-            spec.cgroups.join_self(spec.job_id)
+        if cgroups.version == 1:
+            cgroups.join_self(cgroup)
         step = "cgroup namespace"
         # From inside the job's cgroup, so that cgroup is the root of all the job can see.
         unshare(CLONE_NEWCGROUP)
@@ -1507,8 +1564,12 @@ def jail_enter(spec, ends):
         step = "loopback"
         # The new network namespace has only 'lo', down; up, a job can talk to itself and nothing else.
         _jail_loopback_up()
+        step = "wait for the job"
+        # Everything below depends on the job. The runner closing the socket instead
+        # means this jail is not needed: leave quietly, and the kernel undoes it all.
+        job, payload_fd, stdin_fd = _jail_receive(setup)
         step = "rlimits"
-        _jail_rlimits(spec)
+        _jail_rlimits(job["timeout_s"])
         step = "setsid"
         # No controlling terminal: TIOCSTI has nothing to inject into (seccomp denies it too).
         os.setsid()
@@ -1524,9 +1585,7 @@ def jail_enter(spec, ends):
         step = "unpack payload"
         # As the job's user, inside the jail: a hostile archive can only touch the job's own tmpfs.
         os.chdir("/work")
-        _jail_unpack(spec.payload_fd)
-        step = "stdin"
-        stdin_fd = _jail_stdin(spec.stdin)
+        _jail_unpack(payload_fd)  # and closes it
         step = "no_new_privs"
         # execve can never grant privileges again (setuid bits, file caps); seccomp requires it.
         prctl.set_no_new_privs(True)
@@ -1543,12 +1602,12 @@ def jail_enter(spec, ends):
         step = "seccomp"
         # Last but for the spawn: every step above needs calls the filter denies.
         # Loaded here, in pid 1, so the init that outlives the job is confined too.
-        seccomp_load(spec.bpf)
+        seccomp_load(bpf)
         if _proc_status("Seccomp") != "2":
             raise JailError("Seccomp reads back " + _proc_status("Seccomp"))
         step = "execve"
         # vfork and execve (posix_spawn): the job starts without a copy of this process.
-        pid = os.posix_spawn(spec.argv[0], spec.argv, spec.env, setsigmask=(), file_actions=[
+        pid = os.posix_spawn(job["argv"][0], job["argv"], job["env"], setsigmask=(), file_actions=[
             (os.POSIX_SPAWN_DUP2, stdin_fd, 0), (os.POSIX_SPAWN_DUP2, ends.stdout_w, 1), (os.POSIX_SPAWN_DUP2, ends.stderr_w, 2)])
     except BaseException as exc:
         _jail_report(setup, step, exc)
@@ -1567,9 +1626,6 @@ def jail_init(job_pid, ends, stdin_fd):
     child, and when the job ends hands its wait status to the runner and
     exits, which makes the kernel kill whatever the job left running.
     """
-    import gc
-
-    gc.disable()  # a collection would touch, and copy, the runner's inherited pages
     for fd in (ends.stdout_w, ends.stderr_w, ends.go_r, stdin_fd):
         os.close(fd)
     ends.setup.close()
@@ -1640,8 +1696,8 @@ def _jail_loopback_up():
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
-def _jail_rlimits(spec):
-    cpu_s = int(spec.timeout_s + 0.999)
+def _jail_rlimits(timeout_s):
+    cpu_s = int(timeout_s + 0.999)
     limits = (
         (resource.RLIMIT_CORE, 0, "no core dumps of job memory"),
         (resource.RLIMIT_NOFILE, JOB_NOFILE_MAX, "bounded kernel objects per process"),
@@ -1697,13 +1753,28 @@ def _jail_unpack(payload_fd):
             os.utime(name, (0, 0), follow_symlinks=False)
 
 
-def _jail_stdin(data):
-    if not data:
-        return os.open("/dev/null", os.O_RDONLY)
-    fd = os.memfd_create("stdin")
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
+def recv_fds(sock, bufsize, maxfds, flags=0):
+    """(data, fds): socket.recv_fds as it should be; Python 3.11's drops `flags`, so it can
+    neither be non-blocking nor make the fds close-on-exec."""
+    data, ancdata, _, _ = sock.recvmsg(bufsize, socket.CMSG_LEN(maxfds * 4), flags | socket.MSG_CMSG_CLOEXEC)
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
+
+
+def _jail_receive(setup):
+    """C2: the job jail_assign() sent: (description, payload fd, stdin fd), or a quiet exit on EOF."""
+    data, fds = recv_fds(setup, 16, 3)
+    if not data and not fds:
+        os._exit(0)
+    if data != b"J" or len(fds) != 3:
+        raise JailError(f"malformed job message ({len(data)} bytes, {len(fds)} fds)")
+    description, payload_fd, stdin_fd = fds
+    with open(description, "rb") as f:
+        job = json.loads(f.read())
+    return job, payload_fd, stdin_fd
 
 
 def _jail_fds(stdin_fd, ends, setup):
@@ -1767,15 +1838,15 @@ def host_check(cgroups, bpf):
     payload_fd = os.memfd_create("probe-payload")
     os.write(payload_fd, payload.getvalue())
     os.lseek(payload_fd, 0, os.SEEK_SET)
-    name = f"job-probe-{os.getpid()}"
+    handle = None
     try:
-        cgroups.create(name, manifest["memory_mb"] * MiB)
-        handle = jail_spawn(JailSpec(name, manifest, payload_fd, cgroups, bpf))
+        handle = jail_build(cgroups, bpf)
+        jail_assign(handle, JailSpec(manifest, payload_fd), cgroups)
         _, init_status = os.waitpid(handle.pid, 0)
         status = jail_job_status(handle, init_status)
         message = b""
         while True:
-            chunk, fds, _, _ = socket.recv_fds(handle.setup, 4096, 1)
+            chunk, fds = recv_fds(handle.setup, 4096, 1)
             for fd in fds:
                 os.close(fd)
             if not chunk:
@@ -1792,7 +1863,8 @@ def host_check(cgroups, bpf):
         raise HostError(f"the jail cannot be built on this host: {exc}") from None
     finally:
         os.close(payload_fd)
-        cgroups.kill_and_remove(name)
+        if handle is not None:
+            cgroups.kill_and_remove(handle.cgroup)
 
 
 # 6. Runner -------------------------------------------------------------------
@@ -1866,11 +1938,13 @@ class Runner:
         self.heartbeat = 0.0
         self.next_scan = 0.0  # when to look at the queue and tombstones again without a wake-up
         self.charges_swept = 0.0
+        self.spare = None  # a jail built ahead, waiting for the next job (jail_build)
+        self.spare_retry = 0.0
 
     # 6.1 Start and the loop
 
     def run(self):
-        prctl.set_child_subreaper(True)  # C2 of each job is reparented here when C1 exits
+        prctl.set_child_subreaper(True)  # a job's orphans, should its init ever leave them
         self.bpf = seccomp_build()
         self.cgroups.sweep()
         self._recover()
@@ -1947,6 +2021,8 @@ class Runner:
         if now - self.heartbeat >= 1.0:
             self.heartbeat = now
             _write_atomic(state_path("runner", "alive"), str(os.getpid()))
+        if self.spare is None and not self.stopping and now >= self.spare_retry:
+            self._spare_build()
 
     def _recover(self):
         """Results of a runner that died: jobs it ran are failed; the rest expire as usual."""
@@ -2034,8 +2110,8 @@ class Runner:
             path = state_path("runner", "jobs", job.id, "stdout" if fd == 1 else "stderr")
             job.logs[fd] = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644), 0, False]
         try:
-            self.cgroups.create(job.id, job.manifest["memory_mb"] * MiB)
-            job.handle = jail_spawn(JailSpec(job.id, job.manifest, job.payload_fd, self.cgroups, self.bpf))
+            job.handle = self._spare_take()
+            jail_assign(job.handle, JailSpec(job.manifest, job.payload_fd), self.cgroups)
         except (OSError, JailError) as exc:
             job.setup_error = str(exc)
             self._finish(job, None)
@@ -2050,7 +2126,33 @@ class Runner:
         log.info("job=%s state=running interpreter=%s memory_mb=%d timeout_s=%s", job.id, job.manifest["interpreter"], job.manifest["memory_mb"], job.manifest["timeout"])
         return True
 
-    # 6.3 Supervision
+    # 6.3 Spare jails: the part of each jail that is the same for every job is
+    # built before the job comes, while the runner waits or jobs run.
+
+    def _spare_build(self):
+        try:
+            self.spare = jail_build(self.cgroups, self.bpf)
+        except JailError as exc:
+            log.error("event=jail_build_failed detail=%s", json.dumps(str(exc)))
+            self.spare_retry = time.monotonic() + 1.0
+
+    def _spare_take(self):
+        """The spare jail if it is still alive, else a new one; the next spare is built on the next tick."""
+        handle, self.spare = self.spare, None
+        if handle is not None and select_readable(handle.pidfd):
+            self._spare_discard(handle)  # it died waiting (its error, if any, is in its setup socket)
+            handle = None
+        return handle if handle is not None else jail_build(self.cgroups, self.bpf)
+
+    def _spare_discard(self, handle):
+        """Close the jail's socket (it leaves quietly if it was waiting), reap it, remove its cgroup."""
+        handle.setup.close()
+        os.waitpid(handle.pid, 0)
+        for fd in (handle.stdout_r, handle.stderr_r, handle.pidfd, handle.status_r, handle.go_w):
+            os.close(fd)
+        self.cgroups.kill_and_remove(handle.cgroup)
+
+    # 6.4 Supervision
 
     def _kill(self, job, reason):
         if job.forced_reason is None:
@@ -2098,7 +2200,7 @@ class Runner:
         """
         sock = job.handle.setup
         try:
-            data, fds, _, _ = socket.recv_fds(sock, 4096, 1, socket.MSG_DONTWAIT)
+            data, fds = recv_fds(sock, 4096, 1, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         for fd in fds:
@@ -2135,7 +2237,7 @@ class Runner:
             continue  # messages and EOF the loop has not seen yet
         self._finish(job, status)
 
-    # 6.4 Results
+    # 6.5 Results
 
     def _finish(self, job, status):
         """Classify the end, snapshot outputs, write the final status, release everything."""
@@ -2143,11 +2245,11 @@ class Runner:
         wall_ms = int((time.monotonic() - job.started) * 1000)
         cpu = peak = None
         oom = 0
-        if job.manifest is not None:  # a malformed queue entry never got a cgroup
+        if job.handle is not None:  # a malformed queue entry, or a failed build, has no jail
             try:
-                cpu = self.cgroups.cpu_seconds(job.id)
-                peak = self.cgroups.memory_peak_bytes(job.id)
-                oom = self.cgroups.oom_kills(job.id)
+                cpu = self.cgroups.cpu_seconds(job.handle.cgroup)
+                peak = self.cgroups.memory_peak_bytes(job.handle.cgroup)
+                oom = self.cgroups.oom_kills(job.handle.cgroup)
             except (OSError, ValueError, KeyError):
                 job.setup_error = job.setup_error or "cgroup accounting unreadable"
         exit_code = signum = None
@@ -2207,10 +2309,9 @@ class Runner:
             h.setup.close()
             if h.go_w is not None:
                 os.close(h.go_w)
+            self.cgroups.kill_and_remove(h.cgroup)
         for log_fd, _, _ in job.logs.values():
             os.close(log_fd)
-        if job.manifest is not None:
-            self.cgroups.kill_and_remove(job.id)
         self.jobs.pop(job.id, None)
         self._load()
 
@@ -2239,7 +2340,7 @@ class Runner:
         lines.append(f"{finished:.3f} {cpu:.3f}")
         _write_atomic(path, "\n".join(lines) + "\n")
 
-    # 6.5 Deletion, expiry and shutdown
+    # 6.6 Deletion, expiry and shutdown
 
     def _deletions(self):
         """Carry out DELETEs. A tombstone stays until the job is erased, so the job never reappears."""
@@ -2273,6 +2374,8 @@ class Runner:
             self._kill(job, "killed")
             os.waitpid(job.handle.pid, 0)
             self._release(job)
+        if self.spare is not None:
+            self._spare_discard(self.spare)
         log.info("event=runner_stopped")
 
 

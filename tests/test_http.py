@@ -253,7 +253,7 @@ def test_each_process_names_its_role_and_only_the_workers_are_unprivileged(serve
 
     http_uid = pwd.getpwnam(sandrun.HTTP_USER).pw_uid
     expected = {("sandrun-master", 0): 1, ("sandrun-keeper", 0): 1, ("sandrun-runner", 0): 1,
-                ("sandrun-http", http_uid): sandrun.HTTP_WORKERS}
+                ("sandrun-jail", 0): 1, ("sandrun-http", http_uid): sandrun.HTTP_WORKERS}  # one spare jail, built ahead
     deadline = time.monotonic() + 10  # a worker that has not served yet may still be starting
     while (found := roles()) != expected and time.monotonic() < deadline:
         time.sleep(0.1)

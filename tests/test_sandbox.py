@@ -98,6 +98,36 @@ def test_jobs_cannot_see_each_other(server):
     server.json("DELETE", f"/jobs/{first['job_id']}")
 
 
+def test_every_job_gets_a_jail_of_its_own_even_one_after_another(server):
+    """Jails are built ahead of their jobs (a spare waits); none is ever handed a second job."""
+    leave = "import os\nopen('/tmp/left', 'w').write('x'); open('/work/left', 'w').write('x'); print(os.getpid())"
+    look = "import os\nprint(os.listdir('/tmp'), 'left' in os.listdir('/work'), sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))"
+    for _ in range(3):
+        assert server.run(leave)[0]["status"] == "completed"
+        assert server.run(look)[1]["stdout"] == "[] False [1, 2]\n"
+
+
+def test_a_spare_jail_that_died_is_replaced_before_a_job_needs_it(server):
+    def spares():
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if os.getpgid(int(pid)) == server.proc.pid and open(f"/proc/{pid}/comm").read().strip() == "sandrun-jail":
+                    found.append(int(pid))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        return found
+
+    deadline = time.monotonic() + 10
+    while not spares():
+        assert time.monotonic() < deadline, "no spare jail was built"
+        time.sleep(0.05)
+    for pid in spares():
+        os.kill(pid, signal.SIGKILL)
+    doc, logs = server.run("print('fresh')")
+    assert (doc["status"], logs["stdout"]) == ("completed", "fresh\n"), (doc, logs)
+
+
 def test_setuid_binaries_do_not_elevate(server):
     doc, logs = server.run("su root -c id; echo rc=$?", "bash")
     assert "rc=1" in logs["stdout"] or "rc=126" in logs["stdout"], logs
