@@ -20,7 +20,7 @@ Processes and data flow
            one selector loop, writes results to STATE/runner/jobs/<id>/.
 
     client --HTTP--> worker --STATE/http/queue/<seq>.<id>/--> runner
-    runner --clone3--> C2 = pid 1 of new namespaces, in the jail's cgroup:
+    runner --clone--> C2 = pid 1 of new namespaces, then of the jail's cgroup:
     mounts, pivot_root, network; built ahead ("spare"), it then waits for
     its job; given one, drops privileges, loads seccomp, spawns C3, which
     execs the interpreter, and stays as the jail's init until C3 ends.
@@ -917,14 +917,14 @@ def spool_delete(job_id):
 
 # 5. Sandbox ------------------------------------------------------------------
 # Runs in the runner (root, single-threaded) and in the processes it forks.
-# Per jail: the runner forks C2 with clone3() straight into new namespaces
-# (and, on cgroup v2, straight into the jail's fresh cgroup). C2 is pid 1 of
-# the new pid namespace; it walks jail_enter() step by step, and once the
-# runner sends it a job, spawns it (C3, by vfork and execve of the
-# interpreter) and stays as the jail's init. The runner builds the next jail
-# before its job arrives. Any failure before execve reaches the runner over
-# the setup socket and the job runs nothing. One fork of this Python process per job: on a VM a fork costs
-# about 0.1 ms per MiB resident, the largest part of a job's overhead.
+# Per jail: the runner forks C2 with clone() straight into new namespaces.
+# C2 is pid 1 of the new pid namespace; it joins the jail's fresh cgroup,
+# walks jail_enter() step by step, and once the runner sends it a job,
+# spawns it (C3, by vfork and execve of the interpreter) and stays as the
+# jail's init. The runner builds the next jail before its job arrives. Any
+# failure before execve reaches the runner over the setup socket and the job
+# runs nothing. One fork of this Python process per job: on a VM a fork
+# costs about 0.1 ms per MiB resident, the largest part of a job's overhead.
 
 # 5.1 Kernel bindings: only what Python 3.11's os module lacks.
 
@@ -942,8 +942,7 @@ _libc_gil.syscall.restype = ctypes.c_long
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWTIME = 0x10000000, 0x20000000, 0x40000000, 0x00000080
 CLONE_NEW_ALL = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWTIME
-CLONE_PIDFD, CLONE_INTO_CGROUP = 0x00001000, 0x200000000
-SYS_clone3 = 435  # the same on every architecture
+CLONE_PIDFD = 0x00001000
 # <linux/mount.h>
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
@@ -952,8 +951,9 @@ MNT_DETACH = 0x2
 PR_CAPBSET_DROP, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 24, 22, 2
 # <linux/sockios.h>, <linux/if.h>
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-# pivot_root has no glibc wrapper; its number is per architecture.
+# pivot_root and a fork-like clone have no glibc wrapper; their numbers are per architecture.
 SYS_pivot_root = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine)
+SYS_clone = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine)
 
 
 def _check(ret, call):
@@ -966,29 +966,25 @@ def unshare(flags):
     _check(_libc.unshare(flags), f"unshare({flags:#x})")
 
 
-class _CloneArgs(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_uint64) for name in ("flags", "pidfd", "child_tid", "parent_tid", "exit_signal",
-                                                     "stack", "stack_size", "tls", "set_tid", "set_tid_size", "cgroup")]  # fmt: skip
+def clone(flags):
+    """os.fork() into new namespaces, with a pidfd: (pid, pidfd) in the parent, (0, -1) in the child.
 
-
-def clone3(flags, cgroup_fd=None):
-    """os.fork() with clone3's extras: new namespaces, a pidfd, and (given a cgroup v2 fd) birth in that cgroup.
-
-    Returns (pid, pidfd) in the parent and (0, -1) in the child. The
-    interpreter's own fork hooks run around the call, exactly as in os.fork().
+    The interpreter's own fork hooks run around the call, as in os.fork().
+    This is clone(2), not clone3(2): clone3's flags sit in memory that no
+    seccomp filter can read, so systemd's RestrictNamespaces= (and Docker's
+    default profile) answer clone3 with ENOSYS. As with any raw clone, glibc's
+    cached thread id in the child is its parent's; nothing here reads it.
     """
     pidfd = ctypes.c_int(-1)
-    args = _CloneArgs(flags=flags | CLONE_PIDFD | (CLONE_INTO_CGROUP if cgroup_fd is not None else 0),
-                      pidfd=ctypes.addressof(pidfd), exit_signal=signal.SIGCHLD, cgroup=cgroup_fd or 0)  # fmt: skip
     ctypes.pythonapi.PyOS_BeforeFork()
-    pid = _libc_gil.syscall(SYS_clone3, ctypes.byref(args), ctypes.sizeof(args))
+    pid = _libc_gil.syscall(SYS_clone, ctypes.c_ulong(flags | CLONE_PIDFD | signal.SIGCHLD), None, ctypes.byref(pidfd), None, None)
     if pid == 0:
         ctypes.pythonapi.PyOS_AfterFork_Child()
         return 0, -1
     err = ctypes.get_errno()
     ctypes.pythonapi.PyOS_AfterFork_Parent()
     if pid < 0:
-        raise OSError(err, f"clone3({flags:#x}): {os.strerror(err)}")
+        raise OSError(err, f"clone({flags:#x}): {os.strerror(err)}")
     return pid, pidfd.value
 
 
@@ -1264,14 +1260,8 @@ class Cgroups:
             if _read(path).strip() != value:
                 raise JailError(f"cgroup: {filename} reads back {_read(path).strip()!r}, wrote {value!r}")
 
-    def clone_target(self, name):
-        """v2: an fd of the job's cgroup, for clone3(CLONE_INTO_CGROUP); v1 has no such thing (None)."""
-        if self.version == 1:
-            return None
-        return os.open(self.job_dirs(name)[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
     def join_self(self, name):
-        """v1: move the calling process into the job's cgroups ("0" is the writer itself)."""
+        """Move the calling process into the jail's cgroup(s) ("0" is the writer itself)."""
         for path in self.job_dirs(name):
             _write(os.path.join(path, "cgroup.procs"), "0")
 
@@ -1418,13 +1408,11 @@ def jail_build(cgroups, bpf):
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     setup_parent, setup_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ends = JailEnds(stdout_w, stderr_w, go_r, setup_child, status_w)
-    cgroup_fd = None
     try:
-        cgroup_fd = cgroups.clone_target(cgroup)
         # New mount, pid, network, IPC and UTS namespaces: the job sees none of the
         # host's mounts, processes, interfaces, SysV IPC or name. (The cgroup
         # namespace comes in jail_enter, once C2 is inside the jail's cgroup.)
-        pid, pidfd = clone3(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS, cgroup_fd)
+        pid, pidfd = clone(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
     except OSError as exc:
         for fd in (stdout_r, stdout_w, stderr_r, stderr_w, go_r, go_w, status_r, status_w):
             os.close(fd)
@@ -1432,9 +1420,6 @@ def jail_build(cgroups, bpf):
         setup_child.close()
         cgroups.kill_and_remove(cgroup)
         raise JailError(f"clone: {exc}") from None
-    finally:
-        if cgroup_fd is not None:
-            os.close(cgroup_fd)
     if pid == 0:
         try:
             for fd in (go_w, stdout_r, stderr_r, status_r):
@@ -1513,10 +1498,8 @@ def jail_enter(cgroups, cgroup, bpf, ends):
         if select_readable(ends.go_r):
             raise JailError("runner died before the death signal was armed")
         step = "cgroup"
-        # On v2 clone3 made C2 inside the job's cgroup; v1 has no such clone, so C2
-        # joins it now, before it creates anything a job could use.
-        if cgroups.version == 1:
-            cgroups.join_self(cgroup)
+        # First thing, before C2 creates anything a job could use.
+        cgroups.join_self(cgroup)
         step = "cgroup namespace"
         # From inside the job's cgroup, so that cgroup is the root of all the job can see.
         unshare(CLONE_NEWCGROUP)
@@ -1819,7 +1802,7 @@ def host_check(cgroups, bpf):
     """Master, at start: run one real job through the whole jail; raise HostError if it fails."""
     if os.geteuid() != 0:
         raise HostError("the server must start as root: only the runner keeps privileges, to build jails")
-    if SYS_pivot_root is None:
+    if SYS_pivot_root is None or SYS_clone is None:
         raise HostError(f"unsupported architecture {os.uname().machine}")
     try:
         owner = pwd.getpwuid(JOB_UID).pw_name
