@@ -9,6 +9,7 @@ code path is proven, and the hardened units with it.
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,8 +55,10 @@ class Appliance:
                 pass  # qemu forwards the port before the guest listens
             time.sleep(2)
         self.stop()
+        console = self.console()
+        shutil.rmtree(self.workdir)
         pytest.fail(f"the appliance did not come up in {BOOT_TIMEOUT_S} s (qemu: {self.proc.returncode}); "
-                    f"serial console:\n{self.console()[-20000:]}", pytrace=False)
+                    f"serial console:\n{console[-20000:]}", pytrace=False)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -101,6 +104,7 @@ def appliance():
     yield box
     box.stop()
     print(box.console()[-4000:])  # shown with -s or on failure
+    shutil.rmtree(box.workdir)
 
 
 def console_facts(appliance, prefix):
