@@ -17,14 +17,18 @@ HTTP_USER := sandrun
 .PHONY: setup
 setup: $(VENV)/.installed  ## Install apt packages, the HTTP user and the venv
 
-.apt.installed:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
-	if ! command -v node >/dev/null; then missing="$$missing nodejs"; fi; \
+# $(call apt_install,PACKAGES): install those of the Debian packages that are missing.
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
-		echo "installing:$$missing"; \
+		echo "installing:" $$missing; \
 		apt-get update -q; \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+endef
+
+.apt.installed:
+	$(call apt_install,$(APT_PACKAGES) $(if $(shell command -v node),,nodejs))
 	touch $@
 
 .PHONY: user
@@ -60,8 +64,7 @@ lint: setup  ## Compile every file and validate the gunicorn config
 ## Benchmark ---------------------------------------------------------------------
 
 .bench-apt.installed:
-	@dpkg-query -W -f='$${Status}\n' bubblewrap 2>/dev/null | grep -q '^install ok installed' || { \
-		apt-get update -q; DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends bubblewrap; }
+	$(call apt_install,bubblewrap)
 	touch $@
 
 .PHONY: bench
@@ -80,12 +83,7 @@ VERSION := $(shell sed -n 's/^VERSION = "\(.*\)"$$/\1/p' sandrun.py)
 SOURCE_DATE_EPOCH := $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 
 .image-apt.installed:
-	@missing=$$(for p in $(IMAGE_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing:$$missing"; \
-		apt-get update -q; \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
-	fi
+	$(call apt_install,$(IMAGE_APT_PACKAGES))
 	touch $@
 
 .PHONY: image

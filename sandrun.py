@@ -2508,11 +2508,8 @@ def _wait_finished(job_id, wait_s):
             if notify < 0:
                 time.sleep(min(left, 0.05))
                 continue
-            select.select([notify], [], [], min(left, WAIT_BACKSTOP_S))
-            try:
-                os.read(notify, 65536)
-            except BlockingIOError:
-                pass  # the backstop timer, not an event
+            if select.select([notify], [], [], min(left, WAIT_BACKSTOP_S))[0]:
+                os.read(notify, 65536)  # events only wake us: the next look says what changed
     finally:
         if notify >= 0:
             os.close(notify)
