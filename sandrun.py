@@ -1399,7 +1399,7 @@ def jail_build(cgroups, bpf):
     cgroup = "jail-" + secrets.token_hex(8)
     try:
         cgroups.create(cgroup, JOB_MEMORY_MAX_BYTES)
-    except OSError as exc:
+    except (OSError, JailError) as exc:
         cgroups.kill_and_remove(cgroup)
         raise JailError(f"cgroup: {exc}") from None
     stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
@@ -1592,6 +1592,7 @@ def jail_enter(cgroups, cgroup, bpf, ends):
         # vfork and execve (posix_spawn): the job starts without a copy of this process.
         pid = os.posix_spawn(job["argv"][0], job["argv"], job["env"], setsigmask=(), file_actions=[
             (os.POSIX_SPAWN_DUP2, stdin_fd, 0), (os.POSIX_SPAWN_DUP2, ends.stdout_w, 1), (os.POSIX_SPAWN_DUP2, ends.stderr_w, 2)])
+        setup.send(b"X")  # the job runs: a jail that dies before this line ran nothing
     except BaseException as exc:
         _jail_report(setup, step, exc)
         os._exit(EXIT_JAIL_FAILED)
@@ -2123,7 +2124,12 @@ class Runner:
         """The spare jail if it is still alive, else a new one; the next spare is built on the next tick."""
         handle, self.spare = self.spare, None
         if handle is not None and select_readable(handle.pidfd):
-            self._spare_discard(handle)  # it died waiting (its error, if any, is in its setup socket)
+            try:  # it died waiting: a failed step says why
+                message = handle.setup.recv(4096, socket.MSG_DONTWAIT)
+            except OSError:
+                message = b""
+            log.error("event=spare_jail_died detail=%s", json.dumps(message[1:].decode(errors="replace") if message.startswith(b"E") else ""))
+            self._spare_discard(handle)
             handle = None
         return handle if handle is not None else jail_build(self.cgroups, self.bpf)
 
@@ -2178,8 +2184,8 @@ class Runner:
     def _setup_read(self, job):
         """One message from the jail's setup socket; False once nothing more is waiting.
 
-        "W" carries the /work fd, "E..." a failed step; EOF means the socket's
-        last holders are gone: the init closed it and the job's execve did.
+        "W" carries the /work fd, "E..." a failed step, "X" says the job was
+        started; EOF means the jail closed the socket (or died).
         """
         sock = job.handle.setup
         try:
@@ -2193,9 +2199,10 @@ class Runner:
                 os.close(fd)
         if data.startswith(b"E"):
             job.setup_error = data[1:].decode(errors="replace")
+        elif data == b"X":
+            job.exec_done = job.setup_error is None
         elif not data:
             self.selector.unregister(sock)
-            job.exec_done = job.setup_error is None
             os.close(job.handle.go_w)
             job.handle.go_w = None
             return False
