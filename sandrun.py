@@ -47,6 +47,7 @@ Contents (grep -n '^# [0-9]')
 
 import array
 import bz2
+import codecs
 import collections
 import ctypes
 import ctypes.util
@@ -79,6 +80,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import traceback
 import urllib.parse
@@ -2459,7 +2461,7 @@ JSON_TYPE = "application/json; charset=utf-8"
 #: could be missed if the job's directory appears between two looks).
 WAIT_BACKSTOP_S = 0.5
 # <sys/inotify.h>
-IN_MOVED_TO, IN_CREATE, IN_ONLYDIR = 0x80, 0x100, 0x1000000
+IN_MODIFY, IN_MOVED_TO, IN_CREATE, IN_ONLYDIR = 0x2, 0x80, 0x100, 0x1000000
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 
 
@@ -2489,37 +2491,53 @@ def _lookup_or_404(job_id):
     return found
 
 
-def _wait_finished(job_id, wait_s):
-    """Look up the job until it is finished or wait_s passed; the last lookup (or None).
+class _JobWatch:
+    """Sleeps until the runner touches a job: claims it (its directory appears), appends output, or renames a new status in.
 
-    Between looks the thread sleeps on inotify: the runner creates the job's
-    directory when it claims the job and renames each new status into it, so
-    an answer leaves as soon as the job ends, not on the next tick of a timer.
+    inotify where it can, so answers leave as soon as there is something to
+    say; where inotify instances run out (max_user_instances), a 50 ms timer.
     """
+
+    def __init__(self, job_id, events):
+        self.jobs, self.job_id, self.events = state_path("runner", "jobs"), job_id, events | IN_ONLYDIR
+        self.fd = _libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.watching_job = False
+        if self.fd >= 0:
+            _libc.inotify_add_watch(self.fd, self.jobs.encode(), IN_CREATE | IN_ONLYDIR)
+
+    def arm(self):
+        """Before each look, so that nothing can happen between the look and the sleep unseen."""
+        if self.fd >= 0 and not self.watching_job:
+            self.watching_job = _libc.inotify_add_watch(self.fd, os.path.join(self.jobs, self.job_id).encode(), self.events) >= 0
+
+    def sleep(self, seconds):
+        if self.fd < 0:
+            time.sleep(min(seconds, 0.05))
+        elif select.select([self.fd], [], [], seconds)[0]:
+            os.read(self.fd, 65536)  # events only wake us: the next look says what changed
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _wait_finished(job_id, wait_s):
+    """Look up the job until it is finished or wait_s passed; the last lookup (or None)."""
     if not JOB_ID.match(job_id):
         return None  # before any path is made of it
     deadline = time.monotonic() + wait_s
-    jobs = state_path("runner", "jobs")
-    notify = _libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)  # fails past max_user_instances: timer only
-    watching_job = False
+    watch = _JobWatch(job_id, IN_MOVED_TO)
     try:
-        if notify >= 0:
-            _libc.inotify_add_watch(notify, jobs.encode(), IN_CREATE | IN_ONLYDIR)
         while True:
-            if notify >= 0 and not watching_job:  # before the look, so no rename can slip between the two
-                watching_job = _libc.inotify_add_watch(notify, os.path.join(jobs, job_id).encode(), IN_MOVED_TO | IN_ONLYDIR) >= 0
+            watch.arm()
             found = job_lookup(job_id)
             left = deadline - time.monotonic()
             if found is None or found[0]["status"] in ("completed", "failed") or left <= 0:
                 return found
-            if notify < 0:
-                time.sleep(min(left, 0.05))
-                continue
-            if select.select([notify], [], [], min(left, WAIT_BACKSTOP_S))[0]:
-                os.read(notify, 65536)  # events only wake us: the next look says what changed
+            watch.sleep(min(left, WAIT_BACKSTOP_S))
     finally:
-        if notify >= 0:
-            os.close(notify)
+        watch.close()
 
 
 def handle_info(req):
@@ -2650,9 +2668,17 @@ def handle_status(req, job_id):
 
 
 def handle_logs(req, job_id):
-    if req.GET.get("follow"):
-        raise http_error(400, "not supported", "follow=1 (live logs) is not available yet")
+    follow = req.GET.get("follow", "0")
+    if follow not in ("0", "1"):
+        raise http_error(400, "invalid parameter", "follow must be 0 or 1")
     public, record = _lookup_or_404(job_id)
+    if follow == "1":
+        if not _FOLLOW_SLOTS.acquire(blocking=False):
+            raise http_error(503, "too many live streams", f"this worker already streams {FOLLOW_STREAMS_MAX} logs; "
+                             "try again shortly, or read /logs without follow", headers={"Retry-After": "5"})  # fmt: skip
+        response = webob.Response(content_type="text/event-stream", charset="utf-8", app_iter=LogStream(job_id))
+        response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # nginx: pass it on at once
+        return response
     doc = {}
     for name in ("stdout", "stderr"):
         data = b""
@@ -2665,6 +2691,78 @@ def handle_logs(req, job_id):
         doc[name] = data.decode("utf-8", "replace")
         doc[name + "_truncated"] = bool(record and record.get(name + "_truncated")) or len(data) >= OUTPUT_STREAM_MAX_BYTES
     return _json(doc)
+
+
+#: Live log streams per worker: each holds a thread, so at most half of them.
+FOLLOW_STREAMS_MAX = max(1, HTTP_THREADS // 2)
+_FOLLOW_SLOTS = threading.BoundedSemaphore(FOLLOW_STREAMS_MAX)
+#: A comment line this often keeps proxies from closing a quiet stream.
+FOLLOW_KEEPALIVE_S = 15
+#: A stream ends at the latest this long after the job's timeout would end it.
+FOLLOW_GRACE_S = 30
+
+
+class LogStream:
+    """GET /logs/{id}?follow=1: the job's output as Server-Sent Events, as it is written.
+
+    Events: 'stdout' and 'stderr' with the new text (one 'data:' line per
+    line of it; a lone carriage return arrives as a line break, which SSE
+    cannot carry), then one 'status' with the final status document. A late
+    client first gets all that was written so far. The stream ends when the
+    job ends, or FOLLOW_GRACE_S after the longest the job could still take.
+    The WSGI server calls close() whatever happens, which frees the slot.
+    """
+
+    def __init__(self, job_id):
+        self.job_id = job_id
+        self.watch = _JobWatch(job_id, IN_MODIFY | IN_MOVED_TO)
+
+    def __iter__(self):
+        offsets = {"stdout": 0, "stderr": 0}
+        decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in offsets}
+        deadline = time.monotonic() + JOB_TIMEOUT_S + FOLLOW_GRACE_S
+        quiet_since = time.monotonic()
+        yield b"retry: 2000\n\n"
+        while True:
+            self.watch.arm()
+            found = job_lookup(self.job_id)
+            ended = found is None or found[0]["status"] in ("completed", "failed") or time.monotonic() >= deadline
+            for name in offsets:  # after the lookup: a finished job's files are complete
+                while True:
+                    data = self._read(name, offsets)
+                    text = decoders[name].decode(data, final=ended and len(data) < READ_CHUNK_BYTES)
+                    if text:
+                        quiet_since = time.monotonic()
+                        yield _sse(name, text)
+                    if len(data) < READ_CHUNK_BYTES:
+                        break
+            if ended:
+                if found is not None:
+                    yield _sse("status", json.dumps(found[0]))
+                return
+            if time.monotonic() - quiet_since >= FOLLOW_KEEPALIVE_S:
+                quiet_since = time.monotonic()
+                yield b": keep-alive\n\n"
+            self.watch.sleep(min(WAIT_BACKSTOP_S, deadline - time.monotonic()))
+
+    def _read(self, name, offsets):
+        try:
+            with open(state_path("runner", "jobs", self.job_id, name), "rb") as f:
+                f.seek(offsets[name])
+                data = f.read(min(READ_CHUNK_BYTES, OUTPUT_STREAM_MAX_BYTES - offsets[name]))
+        except FileNotFoundError:
+            return b""  # not started yet, or erased
+        offsets[name] += len(data)
+        return data
+
+    def close(self):
+        self.watch.close()
+        _FOLLOW_SLOTS.release()
+
+
+def _sse(event, text):
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return (f"event: {event}\n" + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
 
 
 def handle_outputs(req, job_id):

@@ -75,19 +75,23 @@ class Appliance:
         except urllib.error.HTTPError as exc:
             return exc.code, dict(exc.headers), exc.read()
 
+    def submit(self, code, interpreter, wait=0, **manifest):
+        for _ in range(10):
+            status, headers, body = self.request("POST", f"/submit?wait={wait}", {"code": code, "interpreter": interpreter, **manifest})
+            if status != 429:
+                break
+            time.sleep(int(headers["Retry-After"]) + 1)
+        doc = json.loads(body)
+        assert status in (200, 202), (status, doc)
+        return doc
+
     def run(self, code, interpreter, **manifest):
         """Submit and wait for the end, waiting out the appliance's own rate limits as a client should.
 
         Every request reaches it from one address (qemu's gateway), with the
         default quotas; under emulation node alone spends seconds of CPU.
         """
-        for _ in range(10):
-            status, headers, body = self.request("POST", "/submit?wait=60", {"code": code, "interpreter": interpreter, **manifest})
-            if status != 429:
-                break
-            time.sleep(int(headers["Retry-After"]) + 1)
-        doc = json.loads(body)
-        assert status in (200, 202), (status, doc)
+        doc = self.submit(code, interpreter, wait=60, **manifest)
         while doc["status"] not in ("completed", "failed"):
             status, _, body = self.request("GET", f"/status/{doc['job_id']}?wait=60")
             doc = json.loads(body)
@@ -150,6 +154,19 @@ def test_fork_bomb_is_contained_by_the_pids_limit(appliance):
     assert error == 11 and 0 < forked < 32, logs  # EAGAIN from pids.max (32 per job, the interpreter included)
     # the sleeping children died with the job: the next one runs at once
     assert appliance.run("print('after')", "python3")[1]["stdout"] == "after\n"
+
+
+def test_live_logs_stream_through_nginx_unbuffered(appliance):
+    job_id = appliance.submit("import time\nprint('first', flush=True)\ntime.sleep(5)\nprint('second')", "python3")["job_id"]
+    with urllib.request.urlopen(f"{appliance.url}/logs/{job_id}?follow=1", timeout=120) as stream:
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+        seen = ""
+        while "first" not in seen:
+            seen += stream.readline().decode()
+        # nginx passed it on while the job still runs
+        assert json.loads(appliance.request("GET", f"/status/{job_id}")[2])["status"] == "running"
+        rest = stream.read().decode()
+    assert "data: second" in rest and "event: status" in rest
 
 
 def test_errors_nginx_answers_itself_are_the_contracts_json(appliance):
