@@ -672,11 +672,13 @@ def _unpack_zip(writer, fileobj, what):
 #     queue/<seq>.<id>/    a queued job; FIFO order is the sorted names
 #     clients/<key>.json   per client: recent submit times, active job ids
 #     deleted/<id>         a DELETE the runner has yet to carry out
+#     metrics/<pid>.json   each worker's counters (GET /metrics adds them up)
 #     tmp/                 multipart spill files
 #   runner/  owned by root, written only by the runner:
 #     wake.sock            datagram socket: workers poke the runner here
 #     alive                heartbeat, touched every second
 #     load.json            {"running": n}
+#     metrics.json         the runner's counters and histograms, across its restarts
 #     charges/<key>        "finished_at cpu_seconds" lines, for the CPU quota
 #     jobs/<id>/           status.json, stdout, stderr, files/<outputs>
 #     root/                empty mount point for job roots (private per job)
@@ -691,6 +693,52 @@ _CLIENT_NAME = re.compile(r"[0-9a-f]{32}\Z")
 
 def state_path(*parts):
     return os.path.join(STATE_DIR, *parts)
+
+
+# 4.1 Metrics: aggregates only, never a job id or an address. Each process
+# counts in memory and writes its own file after each change; GET /metrics
+# adds the files up, so counts survive worker and runner restarts.
+
+#: Histogram bucket bounds, in seconds, for job wall time and CPU time.
+METRICS_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """One process's counters ({name: {labels: value}}) and histograms, kept in one file."""
+
+    def __init__(self, path):
+        self.path, self.lock = path, threading.Lock()
+        self.doc = _read_json(path) or {"counters": {}, "histograms": {}}
+
+    def count(self, name, **labels):
+        with self.lock:
+            series = self.doc["counters"].setdefault(name, {})
+            key = json.dumps(labels, sort_keys=True)
+            series[key] = series.get(key, 0) + 1
+            self._save()
+
+    def observe(self, name, value):
+        with self.lock:
+            h = self.doc["histograms"].setdefault(name, {"buckets": [0] * len(METRICS_BUCKETS_S), "count": 0, "sum": 0.0})
+            for i, bound in enumerate(METRICS_BUCKETS_S):
+                h["buckets"][i] += value <= bound
+            h["count"] += 1
+            h["sum"] += value
+            self._save()
+
+    def _save(self):
+        try:
+            _write_json_atomic(self.path, self.doc)
+        except OSError:
+            log.warning("event=metrics_unsaved")  # a full state tmpfs must not fail a request
+
+
+_METRICS = None  # this process's Metrics, once it serves (worker_start) or runs jobs (Runner)
+
+
+def metrics_count(name, **labels):
+    if _METRICS is not None:
+        _METRICS.count(name, **labels)
 
 
 def _utc(ts):
@@ -1930,7 +1978,10 @@ class Runner:
     # 6.1 Start and the loop
 
     def run(self):
+        global _METRICS
         prctl.set_child_subreaper(True)  # a job's orphans, should its init ever leave them
+        _METRICS = Metrics(state_path("runner", "metrics.json"))  # a restarted runner counts on
+        _METRICS.count("sandrun_runner_starts_total")
         self.bpf = seccomp_build()
         self.cgroups.sweep()
         self._recover()
@@ -2286,6 +2337,10 @@ class Runner:
             self.expiry[job.id] = finished + RESULT_TTL_S
         if cpu:
             self._charge(job.client, finished, cpu)
+        metrics_count("sandrun_jobs_finished_total", status="deleted" if job.deleted else state, reason=reason)
+        _METRICS.observe("sandrun_job_wall_seconds", wall_ms / 1000)
+        if cpu is not None:
+            _METRICS.observe("sandrun_job_cpu_seconds", cpu)
         log.info("job=%s state=%s reason=%s exit_code=%s signal=%s oom_kill=%d wall_ms=%d cpu_ms=%s outputs=%d",
                  job.id, "deleted" if job.deleted else state, reason, exit_code, signum, oom, wall_ms,
                  int(cpu * 1000) if cpu is not None else None, len(outputs))  # fmt: skip
@@ -2598,6 +2653,7 @@ def handle_submit(req):
     finally:
         if os.path.exists(incoming):
             shutil.rmtree(incoming)
+    metrics_count("sandrun_jobs_submitted_total")
     status_url = f"/status/{job_id}"
     if wait_s > 0:
         found = _wait_finished(job_id, wait_s)
@@ -2765,6 +2821,56 @@ def _sse(event, text):
     return (f"event: {event}\n" + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
 
 
+#: What GET /metrics shows: (name, type, help), each family always, zero or not.
+METRIC_FAMILIES = (
+    ("sandrun_jobs_submitted_total", "counter", "Jobs accepted (answered 202, or 200 with ?wait)."),
+    ("sandrun_jobs_finished_total", "counter", "Jobs that ended, by status (completed, failed, deleted) and reason."),
+    ("sandrun_jobs_queued", "gauge", "Jobs waiting for a slot now."),
+    ("sandrun_jobs_running", "gauge", "Jobs running now."),
+    ("sandrun_job_wall_seconds", "histogram", "Wall time of ended jobs, from start to end."),
+    ("sandrun_job_cpu_seconds", "histogram", "CPU time of ended jobs, all their processes."),
+    ("sandrun_http_rejected_total", "counter", "Answers 429 (rate limited) and 503 (full, busy or unhealthy), by code."),
+    ("sandrun_runner_restarts_total", "counter", "Times the runner died and was started again."),
+)
+
+
+def handle_metrics(req):
+    counters, histograms = collections.defaultdict(collections.Counter), {}
+    metrics_dir = state_path("http", "metrics")
+    for path in [state_path("runner", "metrics.json")] + [os.path.join(metrics_dir, n) for n in sorted(os.listdir(metrics_dir))]:
+        try:
+            doc = _read_json(path) or {}
+        except (OSError, ValueError):
+            continue  # being replaced this instant, or not ours: counts come back on the next scrape
+        for name, series in doc.get("counters", {}).items():
+            counters[name].update(series)
+        for name, h in doc.get("histograms", {}).items():
+            total = histograms.setdefault(name, {"buckets": [0] * len(METRICS_BUCKETS_S), "count": 0, "sum": 0.0})
+            total["buckets"] = [a + b for a, b in zip(total["buckets"], h["buckets"])]
+            total["count"] += h["count"]
+            total["sum"] += h["sum"]
+    load = _system_load()
+    starts = sum(counters.pop("sandrun_runner_starts_total", {}).values())
+    gauges = {"sandrun_jobs_queued": load["queued"], "sandrun_jobs_running": load["running"], "sandrun_runner_restarts_total": max(0, starts - 1)}
+    lines = []
+    for name, kind, text in METRIC_FAMILIES:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        if name in gauges:
+            lines.append(f"{name} {gauges[name]}")
+        elif kind == "histogram":
+            h = histograms.get(name, {"buckets": [0] * len(METRICS_BUCKETS_S), "count": 0, "sum": 0.0})
+            lines += [f'{name}_bucket{{le="{bound}"}} {n}' for bound, n in zip(METRICS_BUCKETS_S, h["buckets"])]
+            lines += [f'{name}_bucket{{le="+Inf"}} {h["count"]}', f"{name}_sum {h['sum']:.6f}", f"{name}_count {h['count']}"]
+        elif not counters[name]:
+            lines += [f"{name} 0"] if name == "sandrun_jobs_submitted_total" else []  # labelled: no series until one happens
+        else:
+            for key, value in sorted(counters[name].items()):
+                labels = ",".join(f'{k}="{v}"' for k, v in json.loads(key).items())
+                lines.append(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}")
+    body = ("\n".join(lines) + "\n").encode()
+    return webob.Response(body=body, content_type="text/plain; version=0.0.4", charset="utf-8")
+
+
 def handle_outputs(req, job_id):
     public, record = _lookup_or_404(job_id)
     files = [
@@ -2877,6 +2983,7 @@ ROUTES = [
     (re.compile(rf"/jobs/{_JOB}\Z"), {"DELETE": handle_delete}),
     (re.compile(r"/stats\Z"), {"GET": handle_stats}),
     (re.compile(r"/health\Z"), {"GET": handle_health}),
+    (re.compile(r"/metrics\Z"), {"GET": handle_metrics}),
 ]
 CORS_HEADERS = {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": "Location, Retry-After"}
 
@@ -2916,6 +3023,8 @@ def app(environ, start_response):
             where = where.tb_next
         log.error("event=request_failed method=%s error=%s line=%d", req.method, type(exc).__name__, where.tb_lineno)
         response = http_error(500, "internal error", "the server failed to answer; nothing about it is in the response")
+    if response.status_code in (429, 503):
+        metrics_count("sandrun_http_rejected_total", code=str(response.status_code))
     if response.headers.get("Content-Type", "").startswith("application/json"):
         response.headers["Content-Type"] = JSON_TYPE
     response.headers.update(CORS_HEADERS)
@@ -2983,7 +3092,7 @@ def state_prepare():
     os.chmod(STATE_DIR, 0o755)
     user = pwd.getpwnam(HTTP_USER)
     os.mkdir(state_path("http"), 0o700)
-    for name in ("incoming", "queue", "clients", "deleted", "tmp"):
+    for name in ("incoming", "queue", "clients", "deleted", "metrics", "tmp"):
         os.mkdir(state_path("http", name), 0o700)
     open(state_path("http", "lock"), "x").close()
     _write_atomic(state_path("http", "seq"), "0", 0o600)
@@ -3076,6 +3185,8 @@ def runner_launch():
 def _keeper_main(master):
     prctl.set_name("sandrun-keeper")  # what ps and top show: each process says what it is
     prctl.set_pdeathsig(signal.SIGTERM)  # the master died: stop the runner, then go
+    # A dead runner's jails die with it (their death signal); as our orphans they are reaped here.
+    prctl.set_child_subreaper(True)
     if os.getppid() != master:
         return
     state = {"stopping": False, "runner": None}
@@ -3098,7 +3209,10 @@ def _keeper_main(master):
             finally:
                 os._exit(1)
         state["runner"] = pid
-        _, status = os.waitpid(pid, 0)
+        while True:
+            reaped, status = os.waitpid(-1, 0)
+            if reaped == pid:
+                break
         state["runner"] = None
         if not state["stopping"]:
             log.error("event=runner_died status=%d restart_in_s=1", status)
@@ -3119,7 +3233,9 @@ def _runner_main(keeper):
 
 def worker_start():
     """Each HTTP worker, after fork: multipart spill files go to the state tmpfs, not disk."""
+    global _METRICS
     prctl.set_name("sandrun-http")
+    _METRICS = Metrics(state_path("http", "metrics", f"{os.getpid()}.json"))
     tempfile.tempdir = state_path("http", "tmp")
 
 
