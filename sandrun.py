@@ -2871,6 +2871,129 @@ def handle_metrics(req):
     return webob.Response(body=body, content_type="text/plain; version=0.0.4", charset="utf-8")
 
 
+def openapi_document():
+    """The OpenAPI 3.1 description of every route, built from the live settings so its limits are true."""
+    null = lambda schema: {"oneOf": [schema, {"type": "null"}]}  # noqa: E731
+    ref = lambda name: {"$ref": f"#/components/schemas/{name}"}  # noqa: E731
+    string, integer, boolean, number = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {"type": "number"}
+    obj = lambda props, required=None, more=False: {  # noqa: E731
+        "type": "object", "properties": props, "required": sorted(props) if required is None else required, "additionalProperties": more}
+    job_id = {"type": "string", "pattern": "^" + JOB_ID.pattern.removesuffix("\\Z") + "$"}
+    reasons = ["exit_code", "signal", "timeout", "memory_limit", "output_limit", "cpu_limit", "killed", "internal_error"]
+    schemas = {
+        "Error": obj({"error": string, "details": string, "retry_after": integer, "reason": string}, ["error", "details"]),
+        "Manifest": obj({
+            "entrypoint": {"type": "string", "description": "relative path of an uploaded file; required for multipart"},
+            "interpreter": {"type": "string", "description": "one of GET / interpreters; from the entrypoint's extension if absent"},
+            "args": {"type": "array", "items": string, "maxItems": ARGS_MAX},
+            "stdin": {"type": "string", "description": f"at most {STDIN_MAX_BYTES} bytes as UTF-8"},
+            "env": {"type": "object", "additionalProperties": string, "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}},
+            "outputs": {"type": "array", "items": string, "description": "globs; absent: every file the job created or changed"},
+            "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": JOB_TIMEOUT_S, "default": JOB_TIMEOUT_S},
+            "memory_mb": {"type": "integer", "minimum": JOB_MEMORY_MIN_BYTES // MiB, "maximum": JOB_MEMORY_MAX_BYTES // MiB,
+                          "default": JOB_MEMORY_MAX_BYTES // MiB},
+        }, [], more=True),  # fmt: skip
+        "CodeSubmission": {"allOf": [ref("Manifest"), {"type": "object", "required": ["code", "interpreter"],
+                                                       "properties": {"code": string}}]},  # fmt: skip
+        "Accepted": obj({"job_id": job_id, "status": {"const": "queued"}, "position": integer, "status_url": string}),
+        "Status": obj({
+            "job_id": job_id, "status": {"enum": ["queued", "running", "completed", "failed"]},
+            "queue_position": null(integer), "reason": null({"enum": reasons}),
+            "exit_code": null(integer), "signal": null(integer),
+            "execution_metadata": null(obj({"cpu_seconds": null(number), "memory_peak_bytes": null(integer),
+                                            "wall_time_ms": integer, "exit_code": null(integer), "interpreter": null(string)})),
+            "output_files": {"type": "object", "additionalProperties": obj({"path": string, "size_bytes": integer,
+                                                                           "sha256_hash": string, "type": {"const": "file"}})},
+            "created_at": string, "started_at": null(string), "finished_at": null(string), "expires_at": null(string),
+            "outputs_truncated": boolean,
+        }, ["job_id", "status", "queue_position", "reason", "exit_code", "signal", "execution_metadata", "output_files",
+            "created_at", "started_at", "finished_at", "expires_at"]),  # fmt: skip
+        "Logs": obj({"stdout": string, "stderr": string, "stdout_truncated": boolean, "stderr_truncated": boolean}),
+        "Outputs": obj({"job_id": job_id, "status": string, "total_files": integer, "total_bytes": integer, "outputs_truncated": boolean,
+                        "files": {"type": "array", "items": obj({"name": string, "size": integer, "sha256": string,
+                                                                 "mime_type": string, "download_url": string})}}),  # fmt: skip
+        "Stats": obj({"your_quota": obj({"active_jobs": integer, "concurrent_limit": integer, "jobs_this_hour": integer,
+                                         "jobs_per_hour_limit": integer, "cpu_seconds_used": number, "cpu_seconds_limit": number,
+                                         "can_submit": boolean, "reason": null(string)}),
+                      "system": obj({"queued": integer, "running": integer})}),  # fmt: skip
+        "Info": obj({"service": {"const": "sandrun"}, "version": string, "status": string,
+                     "interpreters": {"type": "object", "additionalProperties": string},
+                     "limits": obj({"timeout_seconds_max": number, "memory_mb_max": integer, "cpu_seconds_per_minute": number,
+                                    "concurrent_jobs_per_ip": integer, "jobs_per_hour_per_ip": integer, "upload_bytes_max": integer}),
+                     "queue": obj({"queued": integer, "running": integer})}),  # fmt: skip
+        "Health": obj({"status": {"const": "healthy"}}),
+        "Unhealthy": obj({"status": {"const": "unhealthy"}, "error": string, "details": string}),
+    }
+
+    def answer(description, schema=None, media="application/json", headers=None):
+        doc = {"description": description}
+        if schema is not None:
+            doc["content"] = {media: {"schema": schema}}
+        if headers:
+            doc["headers"] = {name: {"schema": string, "description": text} for name, text in headers.items()}
+        return doc
+
+    error = lambda description, **kw: answer(description, ref("Error"), **kw)  # noqa: E731
+    retry = {"Retry-After": "seconds to wait"}
+    wait = {"name": "wait", "in": "query", "required": False,
+            "description": "hold the answer up to this many seconds until the job has ended",
+            "schema": {"type": "number", "minimum": 0, "maximum": WAIT_MAX_S}}  # fmt: skip
+    job = {"name": "job_id", "in": "path", "required": True, "schema": job_id}
+    not_found = error("no such job (never, expired or deleted)")
+    paths = {
+        "/": {"get": {"summary": "Service info: interpreters, limits, queue", "responses": {"200": answer("info", ref("Info"))}}},
+        "/submit": {"post": {
+            "summary": "Submit a job", "parameters": [wait],
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": ref("CodeSubmission")},
+                "multipart/form-data": {"schema": {"type": "object", "required": ["manifest", "files"], "properties": {
+                    "manifest": {"type": "string", "description": "the manifest, as JSON"},
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                              "description": "files, or tar/tgz/tbz2/txz/zip archives recognised by their bytes"}}}}}},
+            "responses": {
+                "202": answer("queued", ref("Accepted"), headers={"Location": "/status/{job_id}"}),
+                "200": answer("ended within ?wait", ref("Status")),
+                "400": error("bad manifest, upload or parameter"), "413": error(f"body over {UPLOAD_MAX_BYTES} bytes, or unpacks to too much"),
+                "415": error("not multipart/form-data or application/json"),
+                "429": error("the client's quota is used up", headers=retry), "503": error("queue or storage full", headers=retry)}}},
+        "/status/{job_id}": {"get": {"summary": "A job's status document", "parameters": [job, wait],
+                                     "responses": {"200": answer("status", ref("Status")), "400": error("bad parameter"), "404": not_found}}},
+        "/logs/{job_id}": {"get": {
+            "summary": "stdout and stderr so far; ?follow=1 streams them as Server-Sent Events",
+            "parameters": [job, {"name": "follow", "in": "query", "required": False, "schema": {"enum": ["0", "1"]}}],
+            "responses": {"200": {"description": "logs; with follow=1, events stdout, stderr, then status",
+                                  "content": {"application/json": {"schema": ref("Logs")}, "text/event-stream": {"schema": string}}},
+                          "400": error("bad parameter"), "404": not_found,
+                          "503": error("this worker streams as many logs as it may", headers=retry)}}},
+        "/outputs/{job_id}": {"get": {"summary": "A job's output files", "parameters": [job],
+                                      "responses": {"200": answer("outputs", ref("Outputs")), "404": not_found}}},
+        "/download/{job_id}": {"get": {"summary": "All output files as one .tar.gz", "parameters": [job],
+                                       "responses": {"200": answer("archive", {"type": "string", "format": "binary"}, "application/gzip"),
+                                                     "404": not_found}}},
+        "/download/{job_id}/{path}": {"get": {
+            "summary": "One output file, as an attachment",
+            "parameters": [job, {"name": "path", "in": "path", "required": True, "schema": string}],
+            "responses": {"200": answer("the file, with the media type its name suggests", {"type": "string", "format": "binary"}, "*/*"),
+                          "404": error("no such job or file")}}},
+        "/jobs/{job_id}": {"delete": {"summary": "Kill the job if it runs and erase everything about it", "parameters": [job],
+                                      "responses": {"204": answer("erased"), "404": not_found}}},
+        "/stats": {"get": {"summary": "The caller's quota and the queue", "responses": {"200": answer("stats", ref("Stats"))}}},
+        "/metrics": {"get": {"summary": "Prometheus text: aggregates only",
+                             "responses": {"200": answer("metrics", string, "text/plain")}}},
+        "/health": {"get": {"summary": "Whether the server can run jobs",
+                            "responses": {"200": answer("healthy", ref("Health")),
+                                          "503": answer("unhealthy", ref("Unhealthy"), headers=retry)}}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": answer("OpenAPI 3.1", {"type": "object"})}}},
+    }
+    return {"openapi": "3.1.0", "info": {"title": "Sandrun", "version": VERSION,
+                                         "description": "Anonymous, ephemeral, sandboxed code execution over HTTP."},
+            "paths": paths, "components": {"schemas": schemas}}  # fmt: skip
+
+
+def handle_openapi(req):
+    return _json(openapi_document())
+
+
 def handle_outputs(req, job_id):
     public, record = _lookup_or_404(job_id)
     files = [
@@ -2984,6 +3107,7 @@ ROUTES = [
     (re.compile(r"/stats\Z"), {"GET": handle_stats}),
     (re.compile(r"/health\Z"), {"GET": handle_health}),
     (re.compile(r"/metrics\Z"), {"GET": handle_metrics}),
+    (re.compile(r"/openapi\.json\Z"), {"GET": handle_openapi}),
 ]
 CORS_HEADERS = {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": "Location, Retry-After"}
 
