@@ -9,7 +9,7 @@ SHELL := /bin/bash
 # tree and match the interpreters the jail exposes from /usr.
 PYTHON := /usr/bin/python3
 VENV := .venv
-APT_PACKAGES := bash gcc libcap-dev libseccomp2 python3-dev python3-venv
+APT_PACKAGES := bash gcc libcap-dev libseccomp2 python3-dev python3-venv curl jq
 HTTP_USER := sandrun
 
 ## Setup -------------------------------------------------------------------------
