@@ -9,7 +9,9 @@ SHELL := /bin/bash
 # tree and match the interpreters the jail exposes from /usr.
 PYTHON := /usr/bin/python3
 VENV := .venv
-APT_PACKAGES := bash gcc libcap-dev libseccomp2 python3-dev python3-venv curl jq
+APT_PACKAGES := bash gcc libcap-dev libseccomp2 python3-dev python3-venv
+# Only for make test: the curl examples, and the web page in a real browser.
+TEST_APT_PACKAGES := chromium curl jq
 HTTP_USER := sandrun
 
 ## Setup -------------------------------------------------------------------------
@@ -29,6 +31,10 @@ endef
 
 .apt.installed:
 	$(call apt_install,$(APT_PACKAGES) $(if $(shell command -v node),,nodejs))
+	touch $@
+
+.test-apt.installed:
+	$(call apt_install,$(TEST_APT_PACKAGES))
 	touch $@
 
 .PHONY: user
@@ -53,7 +59,7 @@ check: setup  ## Prove this host can jail jobs, as the server does at start
 	$(VENV)/bin/python sandrun.py check
 
 .PHONY: test
-test: setup  ## Run the whole suite against a real server and the real jail
+test: setup .test-apt.installed  ## Run the whole suite against a real server and the real jail
 	$(VENV)/bin/python -m pytest -p no:cacheprovider -W "ignore:'cgi' is deprecated:DeprecationWarning" tests/
 
 .PHONY: lint
@@ -90,7 +96,7 @@ SOURCE_DATE_EPOCH := $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 image: setup .image-apt.installed  ## Build the appliance disk image (build/image/sandrun.raw)
 	rm -rf build/image-root
 	mkdir -p build/image-root/opt/sandrun build/image-root/etc/nginx/sites-available
-	cp sandrun.py gunicorn.conf.py README.md build/image-root/opt/sandrun/
+	cp sandrun.py sandrun.html gunicorn.conf.py README.md build/image-root/opt/sandrun/
 	cp image/nginx/sandrun.conf build/image-root/etc/nginx/sites-available/
 	# The very files make test ran with, built here for the image's python3 (the same 3.11 as /usr/bin/python3).
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-compile \
@@ -113,7 +119,7 @@ image-test: image  ## Build, boot, and run the smoke suite against the appliance
 
 .PHONY: clean
 clean:  ## Remove the venv, stamps and build/ (the image and its tools tree)
-	rm -rf $(VENV) .apt.installed .image-apt.installed .bench-apt.installed build
+	rm -rf $(VENV) .apt.installed .test-apt.installed .image-apt.installed .bench-apt.installed build
 
 .PHONY: help
 help:  ## List the targets

@@ -46,6 +46,7 @@ Contents (grep -n '^# [0-9]')
 """
 
 import array
+import base64
 import bz2
 import codecs
 import collections
@@ -2595,7 +2596,29 @@ def _wait_finished(job_id, wait_s):
         watch.close()
 
 
+def _page():
+    """The web page (sandrun.html, one self-contained file) and its Content-Security-Policy.
+
+    Its one script and one style sheet are allowed by their hashes, nothing
+    else: not even an injected inline script could run.
+    """
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandrun.html"), "rb") as f:
+        page = f.read()
+    digest = lambda tag: base64.b64encode(hashlib.sha256(re.search(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.S).group(1)).digest()).decode()  # noqa: E731
+    csp = (f"default-src 'none'; script-src 'sha256-{digest(b'script')}'; style-src 'sha256-{digest(b'style')}'; "
+           "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return page, csp
+
+
+PAGE, PAGE_CSP = _page()  # read once, in the master: workers need no access to the checkout
+
+
 def handle_info(req):
+    if req.accept.best_match(["application/json", "text/html"]) == "text/html":  # a browser; curl and clients get JSON
+        response = webob.Response(body=PAGE, content_type="text/html", charset="utf-8")
+        response.headers.update({"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
+                                 "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})  # fmt: skip
+        return response
     return _json({
         "service": "sandrun", "version": VERSION, "status": "running",
         "interpreters": {name: info["version"] for name, info in sorted(INTERPRETERS.items())},

@@ -1,0 +1,112 @@
+"""The web page on GET /, in a real headless Chromium (Debian's) driven by Playwright."""
+
+import os
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Root runs Chromium here, and this machine has no network beyond loopback: no sandbox, no background traffic.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(base_url=f"http://127.0.0.1:{server.port}", accept_downloads=True)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # Chromium logs every non-2xx answer (a 400 on purpose, /favicon.ico) as an error; anything else counts.
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" and "Failed to load resource" not in msg.text else None)
+    page.on("dialog", lambda dialog: errors.append("dialog: " + dialog.message))
+    yield page
+    context.close()
+    assert errors == [], errors  # no script error, no CSP violation, and no alert a job could have caused
+
+
+def test_browsers_get_the_page_and_clients_the_json(server):
+    status, headers, body = server.request("GET", "/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8" and b"<title>Sandrun</title>" in body
+    assert "script-src 'sha256-" in headers["content-security-policy"] and "unsafe-inline" not in headers["content-security-policy"]
+    status, headers, body = server.request("GET", "/", headers={"Accept": "*/*"})
+    assert headers["content-type"] == "application/json; charset=utf-8"
+
+
+def test_run_a_python_job_see_its_output_and_download_a_file(page, tmp_path):
+    page.goto("/")
+    expect(page.locator("#interpreter")).to_have_value("python3")
+    code = "import sys\nprint('<script>alert(1)</script> & <b>bold</b>')\nprint('to stderr', file=sys.stderr)\nopen('result.txt', 'w').write('42')"
+    page.fill("#code", code)
+    page.locator("#code").press("Control+Enter")
+    expect(page.locator("#status")).to_have_text("Completed", timeout=30_000)
+    expect(page.locator("#stdout")).to_have_text("<script>alert(1)</script> & <b>bold</b>\n")  # characters, not markup
+    assert page.locator("#stdout script, #stdout b").count() == 0
+    expect(page.locator("#stderr")).to_have_text("to stderr\n")
+    expect(page.locator("#meta")).to_contain_text("exit code 0")
+    expect(page.locator("#meta")).to_contain_text("peak memory")
+    link = page.locator("#files a", has_text="result.txt")
+    expect(link).to_be_visible()
+    with page.expect_download() as download:
+        link.click()
+    saved = tmp_path / "result.txt"
+    download.value.save_as(saved)
+    assert saved.read_text() == "42"
+    expect(page.locator("#quota")).to_contain_text("jobs left this hour")
+    page.screenshot(path=str(tmp_path / "page.png"), full_page=True)  # renders at all
+    if os.environ.get("SANDRUN_SCREENSHOT"):
+        page.screenshot(path=os.environ["SANDRUN_SCREENSHOT"], full_page=True)
+
+
+def test_live_output_and_an_image_output(page):
+    page.goto("/")
+    page.fill("#code", "import time, base64\nprint('first', flush=True)\ntime.sleep(2)\n"
+                       "open('dot.png', 'wb').write(base64.b64decode('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=='))")
+    page.click("#run")
+    expect(page.locator("#stdout")).to_have_text("first\n", timeout=30_000)
+    expect(page.locator("#status")).to_have_text("Running…")  # the output came before the end
+    expect(page.locator("#status")).to_have_text("Completed", timeout=30_000)
+    image = page.locator("#files img")
+    expect(image).to_have_attribute("alt", "dot.png")
+    assert image.evaluate("img => img.complete && img.naturalWidth") == 1
+
+
+def test_a_bad_manifest_shows_the_servers_400(page):
+    page.goto("/")
+    page.fill("#memory", "1")
+    page.click("#run")
+    expect(page.locator("#status")).to_contain_text("400", timeout=30_000)
+    expect(page.locator("#status")).to_have_class("error")
+
+
+def test_files_mode_runs_the_chosen_entrypoint(page, tmp_path):
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "helper.py").write_text("WORD = 'from a helper'\n")
+    (tmp_path / "proj" / "main.py").write_text("from helper import WORD\nprint(WORD)\n")
+    page.goto("/")
+    page.click("#tab-files")
+    page.set_input_files("#pick", [str(tmp_path / "proj" / "helper.py"), str(tmp_path / "proj" / "main.py")])
+    expect(page.locator("#entrypoint")).to_have_value("main.py")
+    page.click("#run")
+    expect(page.locator("#status")).to_have_text("Completed", timeout=30_000)
+    expect(page.locator("#stdout")).to_have_text("from a helper\n")
+
+
+def test_the_page_fits_a_phone(browser, server):
+    context = browser.new_context(base_url=f"http://127.0.0.1:{server.port}", viewport={"width": 390, "height": 844}, is_mobile=True)
+    try:
+        page = context.new_page()
+        page.goto("/")
+        expect(page.locator("#interpreter")).to_have_value("python3")
+        assert page.evaluate("document.scrollingElement.scrollWidth") <= 390  # nothing wider than the screen
+        assert page.locator("#run").bounding_box()["width"] > 0
+    finally:
+        context.close()
