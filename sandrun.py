@@ -709,23 +709,36 @@ class Metrics:
 
     def __init__(self, path):
         self.path, self.lock = path, threading.Lock()
-        self.doc = _read_json(path) or {"counters": {}, "histograms": {}}
+        try:
+            self.doc = _read_json(path) or {"counters": {}, "histograms": {}}
+        except (OSError, ValueError):
+            self.doc = {"counters": {}, "histograms": {}}  # unreadable: count afresh rather than not at all
 
     def count(self, name, **labels):
         with self.lock:
-            series = self.doc["counters"].setdefault(name, {})
-            key = json.dumps(labels, sort_keys=True)
-            series[key] = series.get(key, 0) + 1
+            self._count(name, labels)
             self._save()
 
-    def observe(self, name, value):
+    def job_finished(self, status, reason, wall_s, cpu_s):
+        """The runner's per-job record: one counter, two histograms, one write."""
         with self.lock:
-            h = self.doc["histograms"].setdefault(name, {"buckets": [0] * len(METRICS_BUCKETS_S), "count": 0, "sum": 0.0})
-            for i, bound in enumerate(METRICS_BUCKETS_S):
-                h["buckets"][i] += value <= bound
-            h["count"] += 1
-            h["sum"] += value
+            self._count("sandrun_jobs_finished_total", {"status": status, "reason": reason})
+            self._observe("sandrun_job_wall_seconds", wall_s)
+            if cpu_s is not None:
+                self._observe("sandrun_job_cpu_seconds", cpu_s)
             self._save()
+
+    def _count(self, name, labels):
+        series = self.doc["counters"].setdefault(name, {})
+        key = json.dumps(labels, sort_keys=True)
+        series[key] = series.get(key, 0) + 1
+
+    def _observe(self, name, value):
+        h = self.doc["histograms"].setdefault(name, {"buckets": [0] * len(METRICS_BUCKETS_S), "count": 0, "sum": 0.0})
+        for i, bound in enumerate(METRICS_BUCKETS_S):
+            h["buckets"][i] += value <= bound
+        h["count"] += 1
+        h["sum"] += value
 
     def _save(self):
         try:
@@ -2338,10 +2351,7 @@ class Runner:
             self.expiry[job.id] = finished + RESULT_TTL_S
         if cpu:
             self._charge(job.client, finished, cpu)
-        metrics_count("sandrun_jobs_finished_total", status="deleted" if job.deleted else state, reason=reason)
-        _METRICS.observe("sandrun_job_wall_seconds", wall_ms / 1000)
-        if cpu is not None:
-            _METRICS.observe("sandrun_job_cpu_seconds", cpu)
+        _METRICS.job_finished("deleted" if job.deleted else state, reason, wall_ms / 1000, cpu)
         log.info("job=%s state=%s reason=%s exit_code=%s signal=%s oom_kill=%d wall_ms=%d cpu_ms=%s outputs=%d",
                  job.id, "deleted" if job.deleted else state, reason, exit_code, signum, oom, wall_ms,
                  int(cpu * 1000) if cpu is not None else None, len(outputs))  # fmt: skip
