@@ -64,7 +64,7 @@ test: setup .test-apt.installed  ## Run the whole suite against a real server an
 
 .PHONY: lint
 lint: setup  ## Compile every file and validate the gunicorn config
-	$(VENV)/bin/python -m py_compile sandrun.py gunicorn.conf.py tests/*.py
+	$(VENV)/bin/python -m py_compile sandrun.py sandrun_client.py gunicorn.conf.py bench/bench.py tests/*.py
 	$(VENV)/bin/gunicorn --check-config -c gunicorn.conf.py sandrun:app
 
 ## Benchmark ---------------------------------------------------------------------
@@ -107,7 +107,7 @@ image: setup .image-apt.installed  ## Build the appliance disk image (build/imag
 		--incremental --cache-dir $(CURDIR)/build/mkosi-cache build
 
 .PHONY: image-boot
-image-boot: .image-apt.installed  ## Boot the image under qemu; nginx on 127.0.0.1:$(IMAGE_PORT), Ctrl-A X quits
+image-boot: .image-apt.installed  ## Boot the image under qemu; nginx on 127.0.0.1:8480 (IMAGE_PORT=), Ctrl-A X quits
 	@test -e $(IMAGE) || { echo "no $(IMAGE): run make image first"; exit 1; }
 	image/qemu $(IMAGE) $(IMAGE_PORT)
 
