@@ -175,6 +175,15 @@ def test_errors_nginx_answers_itself_are_the_contracts_json(appliance):
     assert status == 413 and json.loads(body)["error"] == "body too large"
 
 
+def test_the_console_says_where_the_api_is(appliance):
+    assert re.search(r"sandrun: ready: http://\d+\.\d+\.\d+\.\d+:80/", appliance.console()), appliance.console()[-3000:]
+
+
+def test_browsers_get_the_page_through_nginx(appliance):
+    status, headers, body = appliance.request("GET", "/", headers={"Accept": "text/html"})
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8" and b"<title>Sandrun</title>" in body
+
+
 def test_the_root_is_a_tmpfs_overlay_and_the_state_a_tmpfs(appliance):
     assert console_facts(appliance, "mount /")[0].startswith("overlay ")
     assert console_facts(appliance, "mount / upper layer on") == ["tmpfs"]
