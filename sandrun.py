@@ -1421,7 +1421,7 @@ class JailSpec:
     """A job as a jail receives it (jail_assign), resolved by the runner from its manifest."""
 
     def __init__(self, manifest, payload_fd):
-        self.manifest, self.payload_fd = manifest, payload_fd
+        self.payload_fd = payload_fd
         self.memory_bytes = manifest["memory_mb"] * MiB
         self.timeout_s = manifest["timeout"]
         interpreter = INTERPRETERS[manifest["interpreter"]]
@@ -1443,6 +1443,14 @@ class JailHandle:
     def __init__(self, cgroup, pid, pidfd, stdout_r, stderr_r, setup, go_w, status_r):
         self.cgroup, self.pid, self.pidfd = cgroup, pid, pidfd
         self.stdout_r, self.stderr_r, self.setup, self.go_w, self.status_r = stdout_r, stderr_r, setup, go_w, status_r
+
+    def close(self):
+        """Close the runner's ends; the setup socket first, so a spare jail waiting on it leaves."""
+        self.setup.close()
+        for fd in (self.stdout_r, self.stderr_r, self.pidfd, self.status_r, self.go_w):
+            if fd is not None:
+                os.close(fd)
+        self.go_w = None
 
 
 class JailEnds:
@@ -1900,9 +1908,7 @@ def host_check(cgroups, bpf):
             if not chunk:
                 break
             message = chunk if chunk.startswith(b"E") else message
-        for fd in (handle.pidfd, handle.stdout_r, handle.stderr_r, handle.go_w, handle.status_r):
-            os.close(fd)
-        handle.setup.close()
+        handle.close()
         if message:
             raise HostError(f"the jail cannot be built on this host: {message[1:].decode(errors='replace')}")
         if os.waitstatus_to_exitcode(status) != 0:
@@ -2204,8 +2210,7 @@ class Runner:
         """Close the jail's socket (it leaves quietly if it was waiting), reap it, remove its cgroup."""
         handle.setup.close()
         os.waitpid(handle.pid, 0)
-        for fd in (handle.stdout_r, handle.stderr_r, handle.pidfd, handle.status_r, handle.go_w):
-            os.close(fd)
+        handle.close()
         self.cgroups.kill_and_remove(handle.cgroup)
 
     # 6.4 Supervision
@@ -2362,11 +2367,7 @@ class Runner:
             for fileobj in (h.stdout_r, h.stderr_r, h.pidfd, h.setup):
                 if self.selector.get_map().get(fileobj if isinstance(fileobj, int) else fileobj.fileno()):
                     self.selector.unregister(fileobj)
-            for fd in (h.stdout_r, h.stderr_r, h.pidfd, h.status_r):
-                os.close(fd)
-            h.setup.close()
-            if h.go_w is not None:
-                os.close(h.go_w)
+            h.close()
             self.cgroups.kill_and_remove(h.cgroup)
         for log_fd, _, _ in job.logs.values():
             os.close(log_fd)

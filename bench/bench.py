@@ -167,9 +167,7 @@ class DirectJail:
             self.meter.extra += sr._CGROUPS.cpu_seconds(handle.cgroup)  # the runner reads these three too
             sr._CGROUPS.memory_peak_bytes(handle.cgroup), sr._CGROUPS.oom_kills(handle.cgroup)
             error = handle.setup.recv(4096, socket.MSG_DONTWAIT) if status else b""
-            for fd in (handle.pidfd, handle.stdout_r, handle.stderr_r, handle.go_w, handle.status_r):
-                os.close(fd)
-            handle.setup.close()
+            handle.close()
             if os.waitstatus_to_exitcode(status) != 0:
                 raise RuntimeError(f"{argv} failed in the jail: status {status} {error!r}")
         finally:
@@ -181,8 +179,7 @@ class DirectJail:
             handle = self.spare
             handle.setup.close()
             os.waitpid(handle.pid, 0)
-            for fd in (handle.pidfd, handle.stdout_r, handle.stderr_r, handle.go_w, handle.status_r):
-                os.close(fd)
+            handle.close()
             self.sandrun._CGROUPS.kill_and_remove(handle.cgroup)
 
 
