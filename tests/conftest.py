@@ -118,6 +118,15 @@ class Server:
         _, _, logs = self.json("GET", f"/logs/{doc['job_id']}")
         return doc, logs
 
+    def start_sleeper(self, seconds=60, source="127.0.0.1"):
+        """A job that is running (it has said so) and will sleep for `seconds`; its id."""
+        doc = self.submit_code(f"import time\nprint('up', flush=True)\ntime.sleep({seconds})", wait=0, source=source)
+        deadline = time.monotonic() + 30
+        while self.json("GET", f"/logs/{doc['job_id']}")[2]["stdout"] != "up\n":
+            assert time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.05)
+        return doc["job_id"]
+
     def wait(self, job_id, seconds=60):
         deadline = time.monotonic() + seconds + 30
         while time.monotonic() < deadline:

@@ -138,13 +138,9 @@ def test_delete_finished_job_erases_everything(server):
 
 
 def test_delete_running_job_kills_it(server):
-    doc = server.submit_code("import time; print('up', flush=True); time.sleep(60)", wait=0)
-    deadline = time.monotonic() + 20
-    while server.json("GET", f"/logs/{doc['job_id']}")[2]["stdout"] != "up\n":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert server.request("DELETE", f"/jobs/{doc['job_id']}")[0] == 204
-    assert server.request("GET", f"/status/{doc['job_id']}")[0] == 404
+    job_id = server.start_sleeper()
+    assert server.request("DELETE", f"/jobs/{job_id}")[0] == 204
+    assert server.request("GET", f"/status/{job_id}")[0] == 404
     deadline = time.monotonic() + 10
     while server.json("GET", "/stats")[2]["system"]["running"]:
         assert time.monotonic() < deadline, "the deleted job still runs"

@@ -46,13 +46,9 @@ def test_counters_and_histograms_move_when_jobs_run(server):
 
 
 def test_gauges_show_a_running_job(server):
-    job = server.submit_code("import time\nprint('up', flush=True)\ntime.sleep(30)", wait=0)
-    deadline = time.monotonic() + 30
-    while server.json("GET", f"/status/{job['job_id']}")[2]["status"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    job_id = server.start_sleeper(30)
     assert scrape(server)["sandrun_jobs_running", ""] >= 1
-    server.json("DELETE", f"/jobs/{job['job_id']}")
+    server.json("DELETE", f"/jobs/{job_id}")
 
 
 def test_rejections_and_runner_restarts_are_counted():
