@@ -489,6 +489,14 @@ class PayloadWriter:
         self.bytes = 0
         self.members = 0
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        """A rejected upload lets go of its half-written tar here, not in a garbage
+        collector's __del__ after the file under it is closed."""
+        self.tar.__exit__(kind, value, traceback)
+
     def _claim(self, name, kind, what):
         path = relpath_check(name, what)
         parts = path.split("/")
@@ -2257,13 +2265,17 @@ class Runner:
         """One message from the jail's setup socket; False once nothing more is waiting.
 
         "W" carries the /work fd, "E..." a failed step, "X" says the job was
-        started; EOF means the jail closed the socket (or died).
+        started; EOF means the jail closed the socket (or died). A jail killed
+        before it read its job message makes the kernel say ECONNRESET: the
+        same end as EOF.
         """
         sock = job.handle.setup
         try:
             data, fds = recv_fds(sock, 4096, 1, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
+        except ConnectionResetError:
+            data, fds = b"", []
         for fd in fds:
             if job.work_fd is None:
                 job.work_fd = fd
@@ -2669,8 +2681,7 @@ def handle_submit(req):
     incoming = state_path("http", "incoming", job_id)
     os.mkdir(incoming, 0o700)
     try:
-        with open(os.path.join(incoming, "payload.tar"), "xb") as payload:
-            writer = PayloadWriter(payload)
+        with open(os.path.join(incoming, "payload.tar"), "xb") as payload, PayloadWriter(payload) as writer:
             if media == "application/json":
                 manifest = _intake_json(req, writer)
             else:

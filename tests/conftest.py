@@ -77,8 +77,14 @@ class Server:
         finally:
             self.log.close()
         leaks = leftovers(self)
+        with open(self.log_path, "rb") as f:
+            log = f.read().decode(errors="replace")
         shutil.rmtree(self.workdir)
-        assert not leaks, f"leaked after shutdown: {leaks}\n{self.output() if os.path.exists(self.log_path) else ''}"
+        assert not leaks, f"leaked after shutdown: {leaks}\n{log[-6000:]}"
+        # an exception no code path expected (a runner that died of one, say) fails the suite
+        # even when every request still got its answer
+        crash = log.find("Traceback")
+        assert crash < 0, f"the server logged a traceback:\n{log[max(0, crash - 500):crash + 3000]}"
 
     # HTTP ------------------------------------------------------------------
 

@@ -147,6 +147,23 @@ def test_delete_running_job_kills_it(server):
         time.sleep(0.05)
 
 
+def test_delete_at_any_moment_of_a_start_leaves_the_runner_alone(server):
+    """A job deleted before its jail has read its job message kills only that jail.
+
+    Back-to-back starts take spare jails that are still being built, so the
+    deletes land in every phase: queued, assigned, reading, running.
+    """
+    for i in range(30):
+        docs = [server.submit_code("import time; time.sleep(20)", wait=0) for _ in range(3)]
+        time.sleep(i % 5 * 0.005)
+        for doc in docs:
+            assert server.request("DELETE", f"/jobs/{doc['job_id']}")[0] == 204
+    doc, logs = server.run("print('still here')")
+    assert (doc["status"], logs["stdout"]) == ("completed", "still here\n"), doc
+    with open(server.log_path) as f:
+        assert "runner_died" not in f.read()
+
+
 def test_logs_while_running(server):
     doc = server.submit_code("import time\nprint('one', flush=True)\ntime.sleep(2)\nprint('two')", wait=0)
     deadline = time.monotonic() + 20
