@@ -2179,6 +2179,9 @@ class Runner:
             jail_assign(job.handle, JailSpec(job.manifest, job.payload_fd), self.cgroups)
         except (OSError, JailError) as exc:
             job.setup_error = str(exc)
+            if job.handle is not None:  # a jail that could not take its job: end it and reap it
+                signal.pidfd_send_signal(job.handle.pidfd, signal.SIGKILL)
+                os.waitpid(job.handle.pid, 0)
             self._finish(job, None)
             return True
         finally:
