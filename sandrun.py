@@ -21,9 +21,10 @@ Processes and data flow
 
     client --HTTP--> worker --STATE/http/queue/<seq>.<id>/--> runner
     runner --clone--> C2 = pid 1 of new namespaces, then of the jail's cgroup:
-    mounts, pivot_root, network; built ahead ("spare"), it then waits for
-    its job; given one, drops privileges, loads seccomp, spawns C3, which
-    execs the interpreter, and stays as the jail's init until C3 ends.
+    mounts, pivot_root, network, then drops privileges and loads seccomp;
+    built ahead ("spare"), it then waits for its job; given one, unpacks it
+    as the job's user, spawns C3, which execs the interpreter, and stays as
+    the jail's init until C3 ends.
     worker <--STATE/runner/jobs/<id>/ (status.json, stdout, stderr, files/)--
 
 Invariants
@@ -1562,7 +1563,8 @@ def jail_enter(cgroups, cgroup, bpf, ends):
 
     One step per line, in the order the security argument needs. On any
     failure the runner is told which step failed and nothing runs. The
-    steps up to "wait for the job" are the same for every job; then the
+    steps up to "wait for the job" are the same for every job, so a spare
+    jail waits for its job already unprivileged and under seccomp; then the
     runner sends one (jail_assign). C2 ends as the jail's init (jail_init):
     the job itself is its child C3, so the job has ordinary signal semantics
     and its orphans are reaped.
@@ -1570,7 +1572,7 @@ def jail_enter(cgroups, cgroup, bpf, ends):
     step = "start"
     setup = ends.setup
     try:
-        prctl.set_name("sandrun-jail")  # in ps on the host: a jail's init (a spare one until setsid)
+        prctl.set_name("sandrun-jail")  # in ps on the host: a jail's init, spare or running a job
         gc.disable()  # a collection would touch, and so copy, the runner's pages: memory charged to the job
         step = "death signal"
         # If the runner dies, the kernel kills pid 1 and with it the whole job.
@@ -1627,12 +1629,8 @@ def jail_enter(cgroups, cgroup, bpf, ends):
         step = "loopback"
         # The new network namespace has only 'lo', down; up, a job can talk to itself and nothing else.
         _jail_loopback_up()
-        step = "wait for the job"
-        # Everything below depends on the job. The runner closing the socket instead
-        # means this jail is not needed: leave quietly, and the kernel undoes it all.
-        job, payload_fd, stdin_fd = _jail_receive(setup)
         step = "rlimits"
-        _jail_rlimits(job["timeout_s"])
+        _jail_rlimits()
         step = "setsid"
         # No controlling terminal: TIOCSTI has nothing to inject into (seccomp denies it too).
         os.setsid()
@@ -1645,10 +1643,11 @@ def jail_enter(cgroups, cgroup, bpf, ends):
         os.setresgid(JOB_UID, JOB_UID, JOB_UID)
         os.setresuid(JOB_UID, JOB_UID, JOB_UID)
         _jail_verify_unprivileged()
-        step = "unpack payload"
-        # As the job's user, inside the jail: a hostile archive can only touch the job's own tmpfs.
-        os.chdir("/work")
-        _jail_unpack(payload_fd)  # and closes it
+        step = "death signal again"
+        # The uid change cleared it; without it a job would outlive a runner that dies.
+        prctl.set_pdeathsig(signal.SIGKILL)
+        if select_readable(ends.go_r):
+            raise JailError("runner died before the death signal was armed again")
         step = "no_new_privs"
         # execve can never grant privileges again (setuid bits, file caps); seccomp requires it.
         prctl.set_no_new_privs(True)
@@ -1659,15 +1658,29 @@ def jail_enter(cgroups, cgroup, bpf, ends):
         for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        step = "file descriptors"
-        # Only stdin, stdout and stderr cross execve: everything else is closed or close-on-exec.
-        _jail_fds(stdin_fd, ends, setup)
         step = "seccomp"
-        # Last but for the spawn: every step above needs calls the filter denies.
-        # Loaded here, in pid 1, so the init that outlives the job is confined too.
+        # Last of the steps that need calls the filter denies. Loaded here, in
+        # pid 1, so the init that outlives the job is confined too, and so is
+        # everything below, which handles the job's input.
         seccomp_load(bpf)
         if _proc_status("Seccomp") != "2":
             raise JailError("Seccomp reads back " + _proc_status("Seccomp"))
+        step = "wait for the job"
+        # Everything below depends on the job, and runs unprivileged under seccomp.
+        # The runner closing the socket instead means this jail is not needed:
+        # leave quietly, and the kernel undoes it all.
+        job, payload_fd, stdin_fd = _jail_receive(setup)
+        step = "cpu limit"
+        # SIGXCPU at the job's timeout, SIGKILL a second later (reason cpu_limit); only lowered.
+        cpu_s = int(job["timeout_s"] + 0.999)
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+        step = "unpack payload"
+        # As the job's user, inside the jail: a hostile archive can only touch the job's own tmpfs.
+        os.chdir("/work")
+        _jail_unpack(payload_fd)  # and closes it
+        step = "file descriptors"
+        # Only stdin, stdout and stderr cross execve: everything else is closed or close-on-exec.
+        _jail_fds(stdin_fd, ends, setup)
         step = "execve"
         # vfork and execve (posix_spawn): the job starts without a copy of this process.
         pid = os.posix_spawn(job["argv"][0], job["argv"], job["env"], setsigmask=(), file_actions=[
@@ -1760,8 +1773,8 @@ def _jail_loopback_up():
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
-def _jail_rlimits(timeout_s):
-    cpu_s = int(timeout_s + 0.999)
+def _jail_rlimits():
+    """The limits every job gets; the CPU limit comes with the job."""
     limits = (
         (resource.RLIMIT_CORE, 0, "no core dumps of job memory"),
         (resource.RLIMIT_NOFILE, JOB_NOFILE_MAX, "bounded kernel objects per process"),
@@ -1772,8 +1785,6 @@ def _jail_rlimits(timeout_s):
         hard = resource.getrlimit(which)[1]
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(which, (value, value))
-    # CPU: SIGXCPU at the limit, SIGKILL a second later (reason cpu_limit).
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
 
 
 def _jail_drop_bounding_set():
@@ -2086,7 +2097,10 @@ class Runner:
         if now - self.heartbeat >= 1.0:
             self.heartbeat = now
             _write_atomic(state_path("runner", "alive"), str(os.getpid()))
-        if self.spare is None and not self.stopping and now >= self.spare_retry:
+        # The next spare once no job is starting: a build (a fork, then the
+        # kernel's namespace work) would compete with a job's start for the CPU.
+        starting = any(not job.exec_done and job.setup_error is None and job.forced_reason is None for job in self.jobs.values())
+        if self.spare is None and not starting and not self.stopping and now >= self.spare_retry:
             self._spare_build()
 
     def _recover(self):

@@ -130,8 +130,8 @@ def bwrap_argv(sandrun):
 class DirectJail:
     """Sandrun's jail without HTTP, as the runner drives it, from a built jail to its cleanup.
 
-    Like the runner, it builds the next jail right after handing the current
-    one its job, so the build overlaps the job. The CPU of both is counted.
+    Like the runner, it builds the next jail once the current one's job has
+    started, so the build overlaps the job. The CPU of both is counted.
     """
 
     def __init__(self, sandrun, meter):
@@ -157,6 +157,13 @@ class DirectJail:
             spec = sr.JailSpec(self.manifest, payload_fd)
             spec.argv = list(argv)
             sr.jail_assign(handle, spec, sr._CGROUPS)
+            while True:  # the runner builds the next jail once this one's job has started
+                data, fds = sr.recv_fds(handle.setup, 4096, 1)
+                for fd in fds:
+                    os.close(fd)  # /work: the runner reads outputs from it; nothing to read here
+                if data == b"X" or not data or data.startswith(b"E"):
+                    error = data
+                    break
             self.spare = sr.jail_build(sr._CGROUPS, self.bpf)
             for fd in (handle.stdout_r, handle.stderr_r):
                 os.set_blocking(fd, True)
@@ -166,7 +173,6 @@ class DirectJail:
             status = sr.jail_job_status(handle, init_status)
             self.meter.extra += sr._CGROUPS.cpu_seconds(handle.cgroup)  # the runner reads these three too
             sr._CGROUPS.memory_peak_bytes(handle.cgroup), sr._CGROUPS.oom_kills(handle.cgroup)
-            error = handle.setup.recv(4096, socket.MSG_DONTWAIT) if status else b""
             handle.close()
             if os.waitstatus_to_exitcode(status) != 0:
                 raise RuntimeError(f"{argv} failed in the jail: status {status} {error!r}")
@@ -348,8 +354,9 @@ def part3(server):
 
 def part4(server, sleepers):
     time.sleep(2)  # idle: workers booted, the runner waiting
-    idle = {pid: (pss_bytes(pid), rss_bytes(pid)) for pid in server.pids()}
-    runner = next(pid for pid in idle if open(f"/proc/{pid}/comm").read().strip() == "sandrun-runner")
+    runner = next(pid for pid in server.pids() if open(f"/proc/{pid}/comm").read().strip() == "sandrun-runner")
+    # Jails are the runner's children in sessions of their own: the spare is one of them.
+    idle = {pid: (pss_bytes(pid), rss_bytes(pid)) for pid in set(server.pids()) | set(_children(runner))}
     jobs = [server.request("POST", "/submit", {"code": "sleep 60", "interpreter": "bash"}, f"127.0.0.{10 + i}")[1]["job_id"]
             for i in range(sleepers)]  # fmt: skip
     deadline = time.monotonic() + 60
@@ -359,7 +366,7 @@ def part4(server, sleepers):
         time.sleep(0.2)
     time.sleep(1)
     # Each job's init (pid 1 of its namespace, a fork of the runner) is the runner's child; the job itself is the init's.
-    inits = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _ppid(int(pid)) == runner]  # and the spare
+    inits = _children(runner)  # and the spare
     service = sum(pss_bytes(pid) for pid in set(server.pids()) | set(inits))
     idle_pss = sum(pss for pss, _ in idle.values())
     for job in jobs:
@@ -369,6 +376,10 @@ def part4(server, sleepers):
         "processes": len(idle), "running_jobs": sleepers, "job_inits_seen": len(inits),
         "extra_pss_per_running_job_bytes": (service - idle_pss) / sleepers,
     }  # fmt: skip
+
+
+def _children(pid):
+    return [int(child) for child in os.listdir("/proc") if child.isdigit() and _ppid(int(child)) == pid]
 
 
 def _ppid(pid):

@@ -248,25 +248,31 @@ def test_long_poll_outlasts_the_worker_timeout(server):
         assert "WORKER TIMEOUT" not in f.read()
 
 
-def test_each_process_names_its_role_and_only_the_workers_are_unprivileged(server):
+def test_each_process_names_its_role_and_only_three_keep_root(server):
+    """Master, keeper and runner are root; the workers are the HTTP user; a spare jail
+    (its own session, the runner's child) has dropped to the job's user before any job."""
     import pwd
 
     def roles():
         found = collections.Counter()
+        statuses = {}
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                if os.getpgid(int(pid)) != server.proc.pid:
-                    continue
                 with open(f"/proc/{pid}/status") as f:
-                    status = dict(line.split(":\t", 1) for line in f.read().splitlines())
+                    statuses[int(pid)] = dict(line.split(":\t", 1) for line in f.read().splitlines())
+                statuses[int(pid)]["pgid"] = os.getpgid(int(pid))
             except (FileNotFoundError, ProcessLookupError):
                 continue  # exited while we looked
-            found[status["Name"], int(status["Uid"].split()[1])] += 1  # effective uid
+        ours = {pid for pid, status in statuses.items() if status["pgid"] == server.proc.pid}
+        runners = {pid for pid in ours if statuses[pid]["Name"] == "sandrun-runner"}
+        ours |= {pid for pid, status in statuses.items() if int(status["PPid"]) in runners}
+        for pid in ours:
+            found[statuses[pid]["Name"], int(statuses[pid]["Uid"].split()[1])] += 1  # effective uid
         return found
 
     http_uid = pwd.getpwnam(sandrun.HTTP_USER).pw_uid
     expected = {("sandrun-master", 0): 1, ("sandrun-keeper", 0): 1, ("sandrun-runner", 0): 1,
-                ("sandrun-jail", 0): 1, ("sandrun-http", http_uid): sandrun.HTTP_WORKERS}  # one spare jail, built ahead
+                ("sandrun-jail", sandrun.JOB_UID): 1, ("sandrun-http", http_uid): sandrun.HTTP_WORKERS}  # one spare jail, built ahead
     deadline = time.monotonic() + 10  # a worker that has not served yet may still be starting
     while (found := roles()) != expected and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -107,14 +107,42 @@ def test_every_job_gets_a_jail_of_its_own_even_one_after_another(server):
         assert server.run(look)[1]["stdout"] == "[] False [1, 2]\n"
 
 
+def descendants(pid):
+    """Every process below pid, from /proc."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+        except FileNotFoundError:
+            continue
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def alive(pid):
+    """Running, or at least not yet a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_a_spare_jail_that_died_is_replaced_before_a_job_needs_it(server):
-    def spares():
+    def spares():  # no job runs: every jail of this server's runner is a spare
+        with open(os.path.join(server.state_dir, "runner", "alive")) as f:
+            runner = int(f.read())
         found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
+        for pid in descendants(runner):
             try:
-                if os.getpgid(int(pid)) == server.proc.pid and open(f"/proc/{pid}/comm").read().strip() == "sandrun-jail":
-                    found.append(int(pid))
-            except (FileNotFoundError, ProcessLookupError):
+                if open(f"/proc/{pid}/comm").read().strip() == "sandrun-jail" and alive(pid):
+                    found.append(pid)
+            except FileNotFoundError:
                 continue
         return found
 
@@ -125,13 +153,6 @@ def test_a_spare_jail_that_died_is_replaced_before_a_job_needs_it(server):
     killed = spares()
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
-    def alive(pid):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except FileNotFoundError:
-            return False
-
     while any(map(alive, killed)):  # a spare that died a while ago (one dying just as it gets a job fails closed)
         time.sleep(0.01)
     doc, logs = server.run("print('fresh')")
@@ -213,13 +234,20 @@ def test_forged_queue_entry_with_symlinked_payload_runs_nothing(server):
 
 
 def test_runner_death_kills_its_jobs_and_health_follows(server):
-    running = server.submit_code("import time; print('up', flush=True); time.sleep(60)", wait=0)
-    deadline = time.monotonic() + 20
-    while server.json("GET", f"/status/{running['job_id']}")[2]["status"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    running = {"job_id": server.start_sleeper()}
     with open(os.path.join(server.state_dir, "runner", "alive")) as f:
         runner_pid = int(f.read())
+    jails = descendants(runner_pid)  # the running job's init and the job; the spare jail
+    assert len(jails) >= 3, jails
+    with open(f"/proc/{runner_pid}/stat") as f:
+        keeper = int(f.read().rsplit(")", 1)[1].split()[1])
     os.kill(runner_pid, signal.SIGKILL)
+    # The kernel kills them with the runner (their death signal), not the next runner's sweep.
+    deadline = time.monotonic() + 10
+    while any(map(alive, jails)):
+        assert time.monotonic() < deadline, "the jails outlived their runner"
+        time.sleep(0.01)
+    assert [pid for pid in descendants(keeper) if alive(pid)] == [], "jails were left for the next runner to kill"
     seen = []
     for _ in range(20):  # the keeper waits 1 s before it restarts the runner
         status, _, health = server.json("GET", "/health")
