@@ -2377,27 +2377,29 @@ class Runner:
         }  # fmt: skip
         self._release(job)
         self.next_scan = 0.0  # a slot is free: look at the queue now
+        if cpu:
+            self._charge(job.client, finished, cpu)
         if job.deleted:
             self._erase(job.id)
         else:
             self._write_status(job, state, reason=reason, exit_code=exit_code, signum=signum, meta=meta,
                                outputs=outputs, finished=finished, outputs_truncated=truncated_outputs)  # fmt: skip
             self.expiry[job.id] = finished + RESULT_TTL_S
-        if cpu:
-            self._charge(job.client, finished, cpu)
         _METRICS.job_finished("deleted" if job.deleted else state, reason, wall_ms / 1000, cpu)
         log.info("job=%s state=%s reason=%s exit_code=%s signal=%s oom_kill=%d wall_ms=%d cpu_ms=%s outputs=%d",
                  job.id, "deleted" if job.deleted else state, reason, exit_code, signum, oom, wall_ms,
                  int(cpu * 1000) if cpu is not None else None, len(outputs))  # fmt: skip
+        if job.handle is not None:  # last: removing a cgroup takes milliseconds on v1, and the answer is out
+            self.cgroups.kill_and_remove(job.handle.cgroup)
 
     def _release(self, job):
+        """Forget a job that ended: its descriptors, and its place among those running."""
         h = job.handle
         if h is not None:
             for fileobj in (h.stdout_r, h.stderr_r, h.pidfd, h.setup):
                 if self.selector.get_map().get(fileobj if isinstance(fileobj, int) else fileobj.fileno()):
                     self.selector.unregister(fileobj)
             h.close()
-            self.cgroups.kill_and_remove(h.cgroup)
         for log_fd, _, _ in job.logs.values():
             os.close(log_fd)
         self.jobs.pop(job.id, None)
@@ -2462,6 +2464,7 @@ class Runner:
             self._kill(job, "killed")
             os.waitpid(job.handle.pid, 0)
             self._release(job)
+            self.cgroups.kill_and_remove(job.handle.cgroup)
         if self.spare is not None:
             self._spare_discard(self.spare)
         log.info("event=runner_stopped")
@@ -2592,30 +2595,51 @@ class _JobWatch:
 
     inotify where it can, so answers leave as soon as there is something to
     say; where inotify instances run out (max_user_instances), a 50 ms timer.
+    Each thread keeps one inotify instance for its life and only adds and
+    removes watches: closing an instance waits for the kernel's SRCU grace
+    period (several ms here), and every answer would wait with it.
     """
+
+    _threads = threading.local()
 
     def __init__(self, job_id, events):
         self.jobs, self.job_id, self.events = state_path("runner", "jobs"), job_id, events | IN_ONLYDIR
-        self.fd = _libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
-        self.watching_job = False
+        self.fd = getattr(self._threads, "fd", -1)
+        if self.fd < 0:
+            self.fd = self._threads.fd = _libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.watches, self.watching_job = [], False
         if self.fd >= 0:
-            _libc.inotify_add_watch(self.fd, self.jobs.encode(), IN_CREATE | IN_ONLYDIR)
+            self._drain()  # events of this thread's earlier watches
+            self._add(self.jobs, IN_CREATE | IN_ONLYDIR)
+
+    def _add(self, path, events):
+        wd = _libc.inotify_add_watch(self.fd, path.encode(), events)
+        if wd >= 0:
+            self.watches.append(wd)
+        return wd >= 0
+
+    def _drain(self):
+        try:
+            while os.read(self.fd, 65536):
+                continue
+        except BlockingIOError:
+            return
 
     def arm(self):
         """Before each look, so that nothing can happen between the look and the sleep unseen."""
         if self.fd >= 0 and not self.watching_job:
-            self.watching_job = _libc.inotify_add_watch(self.fd, os.path.join(self.jobs, self.job_id).encode(), self.events) >= 0
+            self.watching_job = self._add(os.path.join(self.jobs, self.job_id), self.events)
 
     def sleep(self, seconds):
         if self.fd < 0:
             time.sleep(min(seconds, 0.05))
         elif select.select([self.fd], [], [], seconds)[0]:
-            os.read(self.fd, 65536)  # events only wake us: the next look says what changed
+            self._drain()  # events only wake us: the next look says what changed
 
     def close(self):
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for wd in self.watches:
+            _libc.inotify_rm_watch(self.fd, wd)  # fails harmlessly if the directory went first
+        self.watches = []
 
 
 def _wait_finished(job_id, wait_s):
