@@ -10,7 +10,8 @@ mean anything; absolute times are printed for orientation. Four parts:
 2. Service throughput: the real server (real gunicorn config) on loopback.
    Trivial python3 and bash jobs are submitted from several client addresses
    (127.0.0.x) at concurrency 1, 2, 4 and 8. Beside it: the bare spawn rate
-   of the same program, at the same concurrency.
+   of the same program, at the same concurrency. Where the CPU goes: the
+   machine's busy time per job, and the service's processes by name.
 3. Latency for one person: POST /submit?wait= of print(1) on an idle server.
 4. Memory: proportional set size (PSS, shared pages split fairly) of the
    idle service, and the extra per running job.
@@ -317,19 +318,44 @@ def throughput(server, interpreter, concurrency):
             with lock:
                 latencies.append(seconds * 1000)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_by_role(server)
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(client, sources))
     elapsed = time.perf_counter() - start
+    cpu = {role: seconds * 1000 / SERVICE_JOBS for role, seconds in (cpu_by_role(server) - cpu).items()}
     return {"jobs_per_s": SERVICE_JOBS / elapsed, "latency_ms": {"p50": percentile(latencies, 50),
-            "p95": percentile(latencies, 95), "p99": percentile(latencies, 99)}}  # fmt: skip
+            "p95": percentile(latencies, 95), "p99": percentile(latencies, 99)}, "cpu_ms_per_job": cpu}  # fmt: skip
+
+
+def cpu_by_role(server=None):
+    """CPU seconds so far: the whole machine's busy time, and the service's processes by name.
+
+    The runner's reaped children are its jails' inits, and through them their
+    jobs (each init reaps its job): "jails and jobs".
+    """
+    with open("/proc/stat") as f:
+        ticks = [int(n) for n in f.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    roles = collections.Counter({"machine": (sum(ticks) - ticks[3] - ticks[4]) / hz})  # all but idle and iowait
+    for pid in server.pids() if server else ():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                text = f.read()
+        except FileNotFoundError:
+            continue
+        name, fields = text[text.index("(") + 1 : text.rindex(")")], text.rsplit(")", 1)[1].split()
+        roles[name] += (int(fields[11]) + int(fields[12])) / hz
+        if name == "sandrun-runner":
+            roles["jails and jobs"] += (int(fields[13]) + int(fields[14])) / hz
+    return roles
 
 
 def bare_rate(argv, concurrency):
-    start = time.perf_counter()
+    """Spawns per second, and the machine's CPU per spawn in ms."""
+    start, cpu = time.perf_counter(), cpu_by_role()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(lambda _: bare(argv), range(SERVICE_JOBS)))
-    return SERVICE_JOBS / (time.perf_counter() - start)
+    return SERVICE_JOBS / (time.perf_counter() - start), (cpu_by_role() - cpu)["machine"] * 1000 / SERVICE_JOBS
 
 
 def part2(server):
@@ -338,8 +364,8 @@ def part2(server):
         server.run_job(SERVICE_CODE[interpreter], interpreter, "127.0.0.2")  # warm-up
         levels = {}
         for concurrency in CONCURRENCY:
-            levels[concurrency] = throughput(server, interpreter, concurrency)
-            levels[concurrency]["bare_spawns_per_s"] = bare_rate(BARE_SERVICE[interpreter], concurrency)
+            level = levels[concurrency] = throughput(server, interpreter, concurrency)
+            level["bare_spawns_per_s"], level["bare_cpu_ms_per_spawn"] = bare_rate(BARE_SERVICE[interpreter], concurrency)
         best = max(levels.values(), key=lambda level: level["jobs_per_s"])
         best_bare = max(level["bare_spawns_per_s"] for level in levels.values())
         result[interpreter] = {"levels": levels, "best_jobs_per_s": best["jobs_per_s"], "best_bare_spawns_per_s": best_bare,
@@ -417,6 +443,10 @@ def report(results):
             print(f"   {interpreter:<8} c={concurrency}  {level['jobs_per_s']:6.1f} jobs/s   "
                   f"{lat['p50']:6.1f} {lat['p95']:6.1f} {lat['p99']:6.1f} ms   bare {level['bare_spawns_per_s']:6.1f}/s")
         print(f"   {interpreter:<8} best {row['best_jobs_per_s']:.1f} jobs/s = {row['ratio']:.2f} x the best bare rate {row['best_bare_spawns_per_s']:.1f}/s")
+        best = max(row["levels"].values(), key=lambda level: level["jobs_per_s"])
+        cpu = dict(best["cpu_ms_per_job"])
+        print(f"   {'':<8} CPU per job there, ms: machine {cpu.pop('machine'):.1f} (bare spawn {best['bare_cpu_ms_per_spawn']:.1f}); "
+              + ", ".join(f"{name} {ms:.1f}" for name, ms in sorted(cpu.items(), key=lambda item: -item[1])))
     lat = results["latency"]
     print(f"\n3. POST /submit?wait= print(1), idle server: p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms ({lat['n']} runs)")
     mem = results["memory"]
