@@ -996,8 +996,8 @@ def spool_delete(job_id):
 # spawns it (C3, by vfork and execve of the interpreter) and stays as the
 # jail's init. The runner builds the next jail before its job arrives. Any
 # failure before execve reaches the runner over the setup socket and the job
-# runs nothing. One fork of this Python process per job: on a VM a fork
-# costs about 0.1 ms per MiB resident, the largest part of a job's overhead.
+# runs nothing. One fork of this Python process per job: with its exit and
+# the copy-on-write faults of its steps, the largest part of a job's overhead.
 
 # 5.1 Kernel bindings: only what Python 3.11's os module lacks.
 
