@@ -468,6 +468,7 @@ def main():
 
     started = time.monotonic()
     sandrun.server_start()
+    sandrun._heap_settle()  # as the master does before it forks the runner: jails are forked from a settled heap
     try:
         results["jail"] = part1(sandrun)
     finally:
