@@ -2096,11 +2096,13 @@ class Runner:
         if now - self.heartbeat >= 1.0:
             self.heartbeat = now
             _write_atomic(state_path("runner", "alive"), str(os.getpid()))
-        # The next spare once no job is starting: a build (a fork, then the
-        # kernel's namespace work) would compete with a job's start for the CPU.
-        starting = any(not job.exec_done and job.setup_error is None and job.forced_reason is None for job in self.jobs.values())
-        if self.spare is None and not starting and not self.stopping and now >= self.spare_retry:
+        if self.spare is None and not self.stopping and now >= self.spare_retry and not self._starting():
             self._spare_build()
+
+    def _starting(self):
+        """Whether a job is between its claim and its execve. The next spare waits for that:
+        a build (a fork, then the kernel's namespace work) would compete with the start for the CPU."""
+        return any(not job.exec_done and job.setup_error is None and job.forced_reason is None for job in self.jobs.values())
 
     def _recover(self):
         """Results of a runner that died: jobs it ran are failed; the rest expire as usual."""
