@@ -124,6 +124,10 @@ class Server:
         _, _, logs = self.json("GET", f"/logs/{doc['job_id']}")
         return doc, logs
 
+    def runner_pid(self):
+        with open(os.path.join(self.state_dir, "runner", "alive")) as f:
+            return int(f.read())
+
     def start_sleeper(self, seconds=60, source="127.0.0.1"):
         """A job that is running (it has said so) and will sleep for `seconds`; its id."""
         doc = self.submit_code(f"import time\nprint('up', flush=True)\ntime.sleep({seconds})", wait=0, source=source)
@@ -189,6 +193,36 @@ def make_tar(members, mode="w:gz"):
                 info.linkname = data
             tar.addfile(info)
     return buf.getvalue()
+
+
+def proc_stat(pid):
+    """(state, parent pid) of a process, from /proc; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def descendants(pid):
+    """Every process below pid."""
+    children = {}
+    for entry in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        if (stat := proc_stat(entry)) is not None:
+            children.setdefault(stat[1], []).append(entry)
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def alive(pid):
+    """Running, or at least not yet a zombie waiting to be reaped."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 def leftovers(server):

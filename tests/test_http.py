@@ -8,6 +8,7 @@ import time
 import pytest
 
 import sandrun
+from conftest import descendants
 
 JOB_ID = "job-" + "0" * 32
 
@@ -257,19 +258,20 @@ def test_each_process_names_its_role_and_only_three_keep_root(server):
 
     def roles():
         found = collections.Counter()
-        statuses = {}
-        for pid in filter(str.isdigit, os.listdir("/proc")):
+        group = []
+        for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+            try:
+                if os.getpgid(pid) == server.proc.pid:
+                    group.append(pid)
+            except ProcessLookupError:
+                continue  # exited while we looked
+        for pid in set(group) | set(descendants(server.runner_pid())):  # no job runs: the runner's are the spare's
             try:
                 with open(f"/proc/{pid}/status") as f:
-                    statuses[int(pid)] = dict(line.split(":\t", 1) for line in f.read().splitlines())
-                statuses[int(pid)]["pgid"] = os.getpgid(int(pid))
-            except (FileNotFoundError, ProcessLookupError):
-                continue  # exited while we looked
-        ours = {pid for pid, status in statuses.items() if status["pgid"] == server.proc.pid}
-        runners = {pid for pid in ours if statuses[pid]["Name"] == "sandrun-runner"}
-        ours |= {pid for pid, status in statuses.items() if int(status["PPid"]) in runners}
-        for pid in ours:
-            found[statuses[pid]["Name"], int(statuses[pid]["Uid"].split()[1])] += 1  # effective uid
+                    status = dict(line.split(":\t", 1) for line in f.read().splitlines())
+            except FileNotFoundError:
+                continue
+            found[status["Name"], int(status["Uid"].split()[1])] += 1  # effective uid
         return found
 
     http_uid = pwd.getpwnam(sandrun.HTTP_USER).pw_uid

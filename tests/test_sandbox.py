@@ -11,6 +11,7 @@ import signal
 import time
 
 import pytest
+from conftest import alive, descendants, proc_stat
 
 PROBE = os.path.join(os.path.dirname(__file__), "probes", "escape.py")
 
@@ -107,38 +108,10 @@ def test_every_job_gets_a_jail_of_its_own_even_one_after_another(server):
         assert server.run(look)[1]["stdout"] == "[] False [1, 2]\n"
 
 
-def descendants(pid):
-    """Every process below pid, from /proc."""
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-        except FileNotFoundError:
-            continue
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def alive(pid):
-    """Running, or at least not yet a zombie waiting to be reaped."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_a_spare_jail_that_died_is_replaced_before_a_job_needs_it(server):
     def spares():  # no job runs: every jail of this server's runner is a spare
-        with open(os.path.join(server.state_dir, "runner", "alive")) as f:
-            runner = int(f.read())
         found = []
-        for pid in descendants(runner):
+        for pid in descendants(server.runner_pid()):
             try:
                 if open(f"/proc/{pid}/comm").read().strip() == "sandrun-jail" and alive(pid):
                     found.append(pid)
@@ -235,12 +208,10 @@ def test_forged_queue_entry_with_symlinked_payload_runs_nothing(server):
 
 def test_runner_death_kills_its_jobs_and_health_follows(server):
     running = {"job_id": server.start_sleeper()}
-    with open(os.path.join(server.state_dir, "runner", "alive")) as f:
-        runner_pid = int(f.read())
+    runner_pid = server.runner_pid()
     jails = descendants(runner_pid)  # the running job's init and the job; the spare jail
     assert len(jails) >= 3, jails
-    with open(f"/proc/{runner_pid}/stat") as f:
-        keeper = int(f.read().rsplit(")", 1)[1].split()[1])
+    keeper = proc_stat(runner_pid)[1]
     os.kill(runner_pid, signal.SIGKILL)
     # The kernel kills them with the runner (their death signal), not the next runner's sweep.
     deadline = time.monotonic() + 10
@@ -262,8 +233,7 @@ def test_runner_death_kills_its_jobs_and_health_follows(server):
     done = server.wait(queued["job_id"], 30)
     assert done["status"] == "completed", done
     assert server.json("GET", "/health")[0] == 200
-    with open(os.path.join(server.state_dir, "runner", "alive")) as f:
-        assert int(f.read()) != runner_pid
+    assert server.runner_pid() != runner_pid
 
 
 @pytest.mark.parametrize("env,words", [
