@@ -1577,6 +1577,8 @@ def jail_enter(cgroups, cgroup, bpf, ends):
         prctl.set_pdeathsig(signal.SIGKILL)
         if select_readable(ends.go_r):
             raise JailError("runner died before the death signal was armed")
+        step = "own descriptors only"
+        _jail_fds(ends)
         step = "cgroup"
         # First thing, before C2 creates anything a job could use.
         cgroups.join_self(cgroup)
@@ -1678,7 +1680,7 @@ def jail_enter(cgroups, cgroup, bpf, ends):
         _jail_unpack(payload_fd)  # and closes it
         step = "file descriptors"
         # Only stdin, stdout and stderr cross execve: everything else is closed or close-on-exec.
-        _jail_fds(stdin_fd, ends, setup)
+        _jail_fds(ends, stdin_fd)
         step = "execve"
         # vfork and execve (posix_spawn): the job starts without a copy of this process.
         pid = os.posix_spawn(job["argv"][0], job["argv"], job["env"], setsigmask=(), file_actions=[
@@ -1851,9 +1853,15 @@ def _jail_receive(setup):
     return job, payload_fd, stdin_fd
 
 
-def _jail_fds(stdin_fd, ends, setup):
-    """C2 keeps only its own pipes and socket, all close-on-exec; C3 gets 0, 1 and 2 by dup2."""
-    keep = {stdin_fd, ends.stdout_w, ends.stderr_w, ends.go_r, ends.status_w, setup.fileno()}
+def _jail_fds(ends, *received):
+    """C2 keeps 0, 1, 2, its own pipes and socket, and what it received, all close-on-exec.
+
+    First thing in a jail, because a clone copies every descriptor of the
+    runner, other jails' included: a spare holding them would keep another
+    job's /work alive, and another spare's socket from ever seeing its end.
+    Again before the spawn, where C3 gets stdin, stdout and stderr by dup2.
+    """
+    keep = {ends.stdout_w, ends.stderr_w, ends.go_r, ends.status_w, ends.setup.fileno(), *received}
     if min(keep) <= 2:
         raise JailError("a job pipe is fd 0, 1 or 2: the runner must keep its standard streams open")
     last = 3

@@ -108,6 +108,25 @@ def test_every_job_gets_a_jail_of_its_own_even_one_after_another(server):
         assert server.run(look)[1]["stdout"] == "[] False [1, 2]\n"
 
 
+def test_a_spare_jail_holds_only_its_own_descriptors(server):
+    """A clone copies all of the runner's descriptors, the running jobs' included; a spare drops them."""
+    job_id = server.start_sleeper()
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # jails waiting for a job: they have no child
+            spares = [pid for pid in descendants(server.runner_pid())
+                      if alive(pid) and open(f"/proc/{pid}/comm").read().strip() == "sandrun-jail" and not descendants(pid)]
+            if spares:
+                break
+            assert time.monotonic() < deadline, "no spare was built"
+            time.sleep(0.05)
+        for pid in spares:
+            # 0, 1, 2 and its five ends: output pipes, setup socket, the runner's liveness pipe, status pipe
+            assert len(os.listdir(f"/proc/{pid}/fd")) <= 8, sorted(os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+    finally:
+        server.request("DELETE", f"/jobs/{job_id}")
+
+
 def test_a_spare_jail_that_died_is_replaced_before_a_job_needs_it(server):
     def spares():  # no job runs: every jail of this server's runner is a spare
         found = []
