@@ -28,6 +28,7 @@ import io
 import json
 import os
 import platform
+import select
 import shutil
 import signal
 import socket
@@ -104,9 +105,11 @@ class CpuMeter:
 
 
 def timed(run, meter):
+    """Wall time until the result is known (the jail's way says when: what it does after
+    that, the runner does while idle), and the CPU of everything."""
     wall, cpu = time.perf_counter(), meter.now()
-    run()
-    return time.perf_counter() - wall, meter.now() - cpu
+    done = run() or time.perf_counter()
+    return done - wall, meter.now() - cpu
 
 
 # 1. Jail overhead -------------------------------------------------------------
@@ -131,8 +134,11 @@ def bwrap_argv(sandrun):
 class DirectJail:
     """Sandrun's jail without HTTP, as the runner drives it, from a built jail to its cleanup.
 
-    Like the runner, it builds the next jail once the current one's job has
-    started, so the build overlaps the job. The CPU of both is counted.
+    Like the runner, it keeps SPARE_JAILS jails built ahead, and builds the
+    next once the current job has started and nothing happened for
+    SPARE_IDLE_S: during the job, or after a job that ended at once. The
+    wall time ends when the job's result is known; the CPU of the builds is
+    counted too.
     """
 
     def __init__(self, sandrun, meter):
@@ -146,26 +152,31 @@ class DirectJail:
         self.manifest, self.payload = manifest, payload.getvalue()
         # What a job's environment holds; bare and bwrap runs get the same (node reads NODE_* at start, say).
         self.env = sandrun.JailSpec(manifest, -1).env
-        self.spare = None
+        self.spares = collections.deque()
+
+    def _build(self):
+        if len(self.spares) < self.sandrun.SPARE_JAILS:
+            self.spares.append(self.sandrun.jail_build(self.sandrun._CGROUPS, self.bpf))
 
     def run(self, argv):
         sr = self.sandrun
         payload_fd = os.memfd_create("payload")
         os.write(payload_fd, self.payload)
         os.lseek(payload_fd, 0, os.SEEK_SET)
-        handle, self.spare = self.spare or sr.jail_build(sr._CGROUPS, self.bpf), None
+        handle = self.spares.popleft() if self.spares else sr.jail_build(sr._CGROUPS, self.bpf)
         try:
             spec = sr.JailSpec(self.manifest, payload_fd)
             spec.argv = list(argv)
             sr.jail_assign(handle, spec, sr._CGROUPS)
-            while True:  # the runner builds the next jail once this one's job has started
+            while True:  # the runner builds no jail while a job starts
                 data, fds = sr.recv_fds(handle.setup, 4096, 1)
                 for fd in fds:
                     os.close(fd)  # /work: the runner reads outputs from it; nothing to read here
                 if data == b"X" or not data or data.startswith(b"E"):
                     error = data
                     break
-            self.spare = sr.jail_build(sr._CGROUPS, self.bpf)
+            if not select.select([handle.pidfd], [], [], sr.SPARE_IDLE_S)[0]:  # idle while the job runs
+                self._build()
             for fd in (handle.stdout_r, handle.stderr_r):
                 os.set_blocking(fd, True)
                 while os.read(fd, 65536):
@@ -180,10 +191,14 @@ class DirectJail:
         finally:
             os.close(payload_fd)
             sr._CGROUPS.kill_and_remove(handle.cgroup)
+        done = time.perf_counter()
+        while len(self.spares) < sr.SPARE_JAILS:  # the runner's idle moments before the next job
+            self._build()
+        return done
 
     def close(self):
-        if self.spare is not None:
-            handle = self.spare
+        while self.spares:
+            handle = self.spares.popleft()
             handle.setup.close()
             os.waitpid(handle.pid, 0)
             handle.close()

@@ -276,7 +276,7 @@ def test_each_process_names_its_role_and_only_three_keep_root(server):
 
     http_uid = pwd.getpwnam(sandrun.HTTP_USER).pw_uid
     expected = {("sandrun-master", 0): 1, ("sandrun-keeper", 0): 1, ("sandrun-runner", 0): 1,
-                ("sandrun-jail", sandrun.JOB_UID): 1, ("sandrun-http", http_uid): sandrun.HTTP_WORKERS}  # one spare jail, built ahead
+                ("sandrun-jail", sandrun.JOB_UID): sandrun.SPARE_JAILS, ("sandrun-http", http_uid): sandrun.HTTP_WORKERS}  # spare jails, built ahead
     deadline = time.monotonic() + 10  # a worker that has not served yet may still be starting
     while (found := roles()) != expected and time.monotonic() < deadline:
         time.sleep(0.1)
