@@ -1957,7 +1957,7 @@ def host_check(cgroups, bpf):
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 READ_CHUNK_BYTES = 64 * KiB
 SCAN_INTERVAL_S = 0.5  # a missed wake-up delays a job by at most this much
-SPARE_IDLE_S = 0.010  # a spare is built once the runner has had nothing to do for this long
+SPARE_IDLE_S = 0.010  # more spares are built once the runner has had nothing to do for this long
 #: Jails built ahead. A jail takes about 20 ms of wall time to build here (joining a v1
 #: cgroup alone waits for an RCU grace period), so with two, jobs that come one right
 #: after another still find one ready.
@@ -2047,6 +2047,8 @@ class Runner:
         while not self.stopping:
             self._tick()
             timeout = min([1.0] + [max(0.0, j.deadline - time.monotonic()) for j in self.jobs.values()])
+            if not self.spares and self._spare_wanted():
+                self._spare_build()  # none left: the next job would wait for a whole build
             spare_wanted = self._spare_wanted()
             events = self.selector.select(min(timeout, SPARE_IDLE_S) if spare_wanted else timeout)
             if spare_wanted and not events:

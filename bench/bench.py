@@ -134,11 +134,11 @@ def bwrap_argv(sandrun):
 class DirectJail:
     """Sandrun's jail without HTTP, as the runner drives it, from a built jail to its cleanup.
 
-    Like the runner, it keeps SPARE_JAILS jails built ahead, and builds the
-    next once the current job has started and nothing happened for
-    SPARE_IDLE_S: during the job, or after a job that ended at once. The
-    wall time ends when the job's result is known; the CPU of the builds is
-    counted too.
+    Like the runner, it keeps SPARE_JAILS jails built ahead. Once the
+    current job has started it builds the next at once if none is left,
+    else when nothing happened for SPARE_IDLE_S: during the job, or after a
+    job that ended at once. The wall time ends when the job's result is
+    known; the CPU of the builds is counted too.
     """
 
     def __init__(self, sandrun, meter):
@@ -175,7 +175,7 @@ class DirectJail:
                 if data == b"X" or not data or data.startswith(b"E"):
                     error = data
                     break
-            if not select.select([handle.pidfd], [], [], sr.SPARE_IDLE_S)[0]:  # idle while the job runs
+            if not self.spares or not select.select([handle.pidfd], [], [], sr.SPARE_IDLE_S)[0]:  # none left, or idle
                 self._build()
             for fd in (handle.stdout_r, handle.stderr_r):
                 os.set_blocking(fd, True)
