@@ -1831,8 +1831,12 @@ def _jail_unpack(payload_fd):
 
 def recv_fds(sock, bufsize, maxfds, flags=0):
     """(data, fds): socket.recv_fds as it should be; Python 3.11's drops `flags`, so it can
-    neither be non-blocking nor make the fds close-on-exec."""
-    data, ancdata, _, _ = sock.recvmsg(bufsize, socket.CMSG_LEN(maxfds * 4), flags | socket.MSG_CMSG_CLOEXEC)
+    neither be non-blocking nor make the fds close-on-exec. A peer that closed with a message
+    of ours unread makes the kernel say ECONNRESET: the same end as EOF, (b"", [])."""
+    try:
+        data, ancdata, _, _ = sock.recvmsg(bufsize, socket.CMSG_LEN(maxfds * 4), flags | socket.MSG_CMSG_CLOEXEC)
+    except ConnectionResetError:
+        return b"", []
     fds = array.array("i")
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -2303,17 +2307,14 @@ class Runner:
         """One message from the jail's setup socket; False once nothing more is waiting.
 
         "W" carries the /work fd, "E..." a failed step, "X" says the job was
-        started; EOF means the jail closed the socket (or died). A jail killed
-        before it read its job message makes the kernel say ECONNRESET: the
-        same end as EOF.
+        started; EOF means the jail closed the socket or died (killed before
+        it read its job message, too: recv_fds).
         """
         sock = job.handle.setup
         try:
             data, fds = recv_fds(sock, 4096, 1, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
-        except ConnectionResetError:
-            data, fds = b"", []
         for fd in fds:
             if job.work_fd is None:
                 job.work_fd = fd
