@@ -396,7 +396,7 @@ def part3(server):
 def part4(server, sleepers):
     time.sleep(2)  # idle: workers booted, the runner waiting
     runner = next(pid for pid in server.pids() if open(f"/proc/{pid}/comm").read().strip() == "sandrun-runner")
-    # Jails are the runner's children in sessions of their own: the spare is one of them.
+    # Jails are the runner's children in sessions of their own: the spares are among them.
     idle = {pid: (pss_bytes(pid), rss_bytes(pid)) for pid in set(server.pids()) | set(_children(runner))}
     jobs = [server.request("POST", "/submit", {"code": "sleep 60", "interpreter": "bash"}, f"127.0.0.{10 + i}")[1]["job_id"]
             for i in range(sleepers)]  # fmt: skip
@@ -407,7 +407,7 @@ def part4(server, sleepers):
         time.sleep(0.2)
     time.sleep(1)
     # Each job's init (pid 1 of its namespace, a fork of the runner) is the runner's child; the job itself is the init's.
-    inits = _children(runner)  # and the spare
+    inits = _children(runner)  # and the spares
     service = sum(pss_bytes(pid) for pid in set(server.pids()) | set(inits))
     idle_pss = sum(pss for pss, _ in idle.values())
     for job in jobs:
