@@ -1412,8 +1412,8 @@ def _swap_enabled():
         return len(f.read().splitlines()) > 1
 
 
-# 5.4 The jail. jail_build() and jail_assign() run in the runner, jail_enter()
-# in the cloned child. Its body sits in try/finally os._exit(): no exception
+# 5.4 The jail. jail_build(), jail_assign() and jail_discard() run in the
+# runner, jail_enter() in the cloned child. Its body sits in try/finally os._exit(): no exception
 # can unwind a child back into the runner's loop.
 
 EXIT_JAIL_FAILED = 125  # a child's exit code when a jail step failed (the runner also gets the reason)
@@ -1539,6 +1539,15 @@ def jail_assign(handle, spec, cgroups):
     finally:
         os.close(description)
         os.close(stdin)
+
+
+def jail_discard(handle, cgroups):
+    """Runner: end a built jail that gets no job. Closing its socket makes it leave quietly
+    if it was waiting (or die, if it had failed); then reap it and remove its cgroup."""
+    handle.setup.close()
+    os.waitpid(handle.pid, 0)
+    handle.close()
+    cgroups.kill_and_remove(handle.cgroup)
 
 
 def jail_job_status(handle, init_status):
@@ -2253,15 +2262,8 @@ class Runner:
             except OSError:
                 message = b""
             log.error("event=spare_jail_died detail=%s", json.dumps(message[1:].decode(errors="replace") if message.startswith(b"E") else ""))
-            self._spare_discard(handle)
+            jail_discard(handle, self.cgroups)
         return jail_build(self.cgroups, self.bpf)
-
-    def _spare_discard(self, handle):
-        """Close the jail's socket (it leaves quietly if it was waiting), reap it, remove its cgroup."""
-        handle.setup.close()
-        os.waitpid(handle.pid, 0)
-        handle.close()
-        self.cgroups.kill_and_remove(handle.cgroup)
 
     # 6.4 Supervision
 
@@ -2488,7 +2490,7 @@ class Runner:
             self._release(job)
             self.cgroups.kill_and_remove(job.handle.cgroup)
         while self.spares:
-            self._spare_discard(self.spares.popleft())
+            jail_discard(self.spares.popleft(), self.cgroups)
         log.info("event=runner_stopped")
 
 

@@ -198,11 +198,7 @@ class DirectJail:
 
     def close(self):
         while self.spares:
-            handle = self.spares.popleft()
-            handle.setup.close()
-            os.waitpid(handle.pid, 0)
-            handle.close()
-            self.sandrun._CGROUPS.kill_and_remove(handle.cgroup)
+            self.sandrun.jail_discard(self.spares.popleft(), self.sandrun._CGROUPS)
 
 
 def part1(sandrun):
