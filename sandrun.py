@@ -51,6 +51,7 @@ import base64
 import bz2
 import codecs
 import collections
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -59,9 +60,11 @@ import gc
 import grp
 import gzip
 import hashlib
+import heapq
 import hmac
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import lzma
@@ -163,12 +166,29 @@ JOB_PIDS_MAX = _env_int("JOB_PIDS_MAX", 32, 4, 4096)
 JOB_WORKDIR_MAX_BYTES = _env_int("JOB_WORKDIR_MAX_BYTES", 100 * MiB, 1 * MiB, 16 * GiB)
 #: Size of the job's private /tmp and /dev/shm (each).
 JOB_TMP_MAX_BYTES = _env_int("JOB_TMP_MAX_BYTES", 64 * MiB, 1 * MiB, 16 * GiB)
+#: Files, directories and links in the job's /work, and in each of its /tmp and /dev/shm
+#: (tmpfs nr_inodes): each costs the runner a step when it collects outputs.
+JOB_WORKDIR_INODES_MAX = _env_int("JOB_WORKDIR_INODES_MAX", 16384, 64, 10_000_000)
+JOB_TMP_INODES_MAX = _env_int("JOB_TMP_INODES_MAX", 16384, 64, 10_000_000)
 #: Open files per process in a job (RLIMIT_NOFILE).
 JOB_NOFILE_MAX = _env_int("JOB_NOFILE_MAX", 256, 16, 65536)
 #: The uid and gid a job runs as; no host account may own it.
 JOB_UID = _env_int("JOB_UID", 61000, 1000, 2**31 - 2)
 #: Bytes kept per output stream; past it the job is stopped (reason output_limit).
 OUTPUT_STREAM_MAX_BYTES = _env_int("OUTPUT_STREAM_MAX_BYTES", 10 * MiB, 1 * KiB, 1 * GiB)
+#: Output files collected per job, and the bytes of their names: all of them go into the
+#: job's status record, which every /status answer reads. Past either, files are left out.
+OUTPUT_FILES_MAX = _env_int("OUTPUT_FILES_MAX", 1000, 1, 20_000)
+OUTPUT_NAMES_MAX_BYTES = _env_int("OUTPUT_NAMES_MAX_BYTES", 256 * KiB, 4 * KiB, 4 * MiB)
+#: Directory entries the output walk looks at per job (hard links make entries cheap to
+#: make, so this is not the inode cap), and how deep it goes.
+OUTPUT_ENTRIES_MAX = _env_int("OUTPUT_ENTRIES_MAX", 50_000, 100, 10_000_000)
+OUTPUT_DEPTH_MAX = _env_int("OUTPUT_DEPTH_MAX", 32, 1, 128)
+#: Wall time one job's output collection may take; the runner interleaves it with
+#: everything else, and past it the rest is left out.
+OUTPUT_COLLECT_MAX_S = _env_int("OUTPUT_COLLECT_MAX_S", 30, 1, 3600)
+#: Wildcards ('*', '?') in one output glob.
+OUTPUT_GLOB_WILDCARDS_MAX = 32
 #: Request body size; larger bodies get 413 before they are read.
 UPLOAD_MAX_BYTES = _env_int("UPLOAD_MAX_BYTES", 100 * MiB, 1 * MiB, 16 * GiB)
 #: Manifest and JSON body size.
@@ -187,6 +207,8 @@ RATE_CONCURRENT_JOBS = _env_int("RATE_CONCURRENT_JOBS", 2, 1, 10_000)
 RATE_JOBS_PER_HOUR = _env_int("RATE_JOBS_PER_HOUR", 20, 1, 10_000_000)
 #: Per client address: CPU seconds of jobs that ended in the last minute.
 RATE_CPU_S_PER_MIN = _env_int("RATE_CPU_S_PER_MIN", 10, 1, 10_000_000)
+#: Seconds without a heartbeat after which the keeper kills the runner and starts a new one.
+RUNNER_STALL_S = _env_int("RUNNER_STALL_S", 5, 2, 300)
 #: Longest ?wait= a client may ask for.
 WAIT_MAX_S = 60
 #: Manifest bounds from the API contract.
@@ -197,8 +219,17 @@ ENV_VARS_MAX = 256
 
 if UNPACKED_MAX_BYTES > JOB_WORKDIR_MAX_BYTES:
     raise SettingsError("SANDRUN_UNPACKED_MAX_BYTES exceeds SANDRUN_JOB_WORKDIR_MAX_BYTES: uploads could not fit")
-#: State space kept free for running jobs' logs and outputs; intake answers 503 below it.
-STATE_RESERVE_BYTES = MAX_RUNNING * (JOB_WORKDIR_MAX_BYTES + 2 * OUTPUT_STREAM_MAX_BYTES)
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")  # tmpfs gives every non-empty file whole pages
+#: Largest status record: each output's name (JSON may escape a character to 3 times
+#: its UTF-8 bytes) and fields, and the rest. Its readers accept exactly this much.
+STATUS_RECORD_MAX_BYTES = 3 * OUTPUT_NAMES_MAX_BYTES + 512 * OUTPUT_FILES_MAX + 64 * KiB
+#: The most state one job's results can take: two logs, its outputs, its record.
+JOB_RESULT_MAX_BYTES = 2 * OUTPUT_STREAM_MAX_BYTES + JOB_WORKDIR_MAX_BYTES + OUTPUT_FILES_MAX * PAGE_BYTES + STATUS_RECORD_MAX_BYTES
+#: State space only the runner's bookkeeping may use (heartbeat, records, charges, metrics).
+RUNNER_RESERVE_BYTES = 8 * MiB
+#: State space kept free for running jobs' results and the runner; intake answers 503 below it,
+#: and the runner starts a job only when its share is there.
+STATE_RESERVE_BYTES = MAX_RUNNING * JOB_RESULT_MAX_BYTES + RUNNER_RESERVE_BYTES
 if STATE_TMPFS_BYTES < STATE_RESERVE_BYTES + UPLOAD_MAX_BYTES:
     raise SettingsError(
         f"SANDRUN_STATE_TMPFS_BYTES={STATE_TMPFS_BYTES} cannot hold {MAX_RUNNING} running jobs' logs and outputs "
@@ -240,7 +271,7 @@ class JailError(Exception):
 
 # 3.1 Client identity and rate limits
 
-_CLIENT_KEY = b""  # HMAC key for client addresses; made in the master at start
+_CLIENT_KEY = b""  # HMAC key for client addresses; made in the master once the keeper is forked (runner_launch)
 
 
 def client_address(environ):
@@ -383,6 +414,8 @@ def manifest_parse(doc, *, code_form):
         for pattern in outputs:
             if not isinstance(pattern, str) or not pattern or len(pattern) > 256 or "\0" in pattern:
                 raise http_error(400, "invalid manifest", "'outputs' must be non-empty strings of at most 256 characters")
+            if pattern.count("*") + pattern.count("?") > OUTPUT_GLOB_WILDCARDS_MAX:
+                raise http_error(400, "invalid manifest", f"an 'outputs' pattern has more than {OUTPUT_GLOB_WILDCARDS_MAX} wildcards")
 
     timeout = _field(doc, "timeout", (int, float), JOB_TIMEOUT_S)
     if not 0 < timeout <= JOB_TIMEOUT_S:
@@ -400,27 +433,63 @@ def manifest_parse(doc, *, code_form):
 def output_matcher(patterns):
     """A predicate on relative paths for the manifest's 'outputs' globs.
 
-    '*' and '?' stay within one path component, '**' spans any number of
-    them, and a pattern ending in '/' takes everything below that directory.
+    '*' and '?' stay within one path component; '**' as a whole component
+    spans any number of them (none, unless it is last); a pattern ending in
+    '/' takes everything below that directory. Matching never backtracks
+    (see _glob_match), so a hostile pattern costs at most the product of its
+    length and the path's, both capped.
     """
-    regexes = []
+    compiled = []
     for pattern in patterns:
-        if pattern.endswith("/"):
-            pattern += "**"
-        out, i = "", 0
-        while i < len(pattern):
-            if pattern.startswith("**/", i):
-                out, i = out + "(?:.*/)?", i + 3
-            elif pattern.startswith("**", i):
-                out, i = out + ".*", i + 2
-            elif pattern[i] == "*":
-                out, i = out + "[^/]*", i + 1
-            elif pattern[i] == "?":
-                out, i = out + "[^/]", i + 1
-            else:
-                out, i = out + re.escape(pattern[i]), i + 1
-        regexes.append(re.compile(out + r"\Z", re.S))
-    return lambda path: any(r.match(path) for r in regexes)
+        parts = [p for p in pattern.split("/") if p not in ("", ".")]
+        if pattern.endswith("/") or parts[-1:] == ["**"]:
+            parts = (parts[:-1] if parts[-1:] == ["**"] else parts) + ["**", "*"]  # at least one component below
+        compiled.append([p if p == "**" else _glob_component(p) for p in parts])
+    return lambda path: any(_glob_match(globs, path.split("/")) for globs in compiled)
+
+
+def _glob_component(pattern):
+    """A regex for one path component's glob: '*' and '?' never cross a '/' here.
+
+    The text between stars has a fixed length, so its leftmost place is always
+    the best one: each star is an atomic group that finds it once and is never
+    retried. That is linear in the name for each star, never exponential.
+    """
+    pieces = [re.escape(p).replace(r"\?", "[^/]") for p in pattern.split("*")]
+    if len(pieces) == 1:
+        return re.compile(pieces[0] + r"\Z", re.S)
+    middle = "".join(f"(?>.*?{piece})" for piece in pieces[1:-1])
+    return re.compile(pieces[0] + middle + ".*" + pieces[-1] + r"\Z", re.S)
+
+
+def _glob_match(globs, parts):
+    """Whether path components `parts` match component globs `globs`, where '**' takes any run.
+
+    The same leftmost rule one level up: between two '**' the globs match a
+    fixed number of components, so the first place they fit is the best one.
+    """
+    groups, group = [], []
+    for g in globs:
+        if g == "**":
+            groups.append(group)
+            group = []
+        else:
+            group.append(g)
+    groups.append(group)
+    fits = lambda group, at: all(g.match(parts[at + i]) for i, g in enumerate(group))  # noqa: E731
+    if len(groups) == 1:
+        return len(parts) == len(group) and fits(group, 0)
+    first, *middle, last = groups
+    if len(first) + len(last) > len(parts) or not fits(first, 0) or not fits(last, len(parts) - len(last)):
+        return False
+    at, end = len(first), len(parts) - len(last)
+    for group in middle:
+        while at + len(group) <= end and not fits(group, at):
+            at += 1
+        if at + len(group) > end:
+            return False
+        at += len(group)
+    return True
 
 
 # 3.3 Uploads
@@ -675,8 +744,8 @@ def _unpack_zip(writer, fileobj, what):
 
 # 4. Job spool and queue ------------------------------------------------------
 # STATE_DIR (tmpfs, root, 0755)
-#   http/    owned by HTTP_USER, written only by workers:
-#     lock                 flock serialising submit, delete and claim
+#   http/    owned by HTTP_USER, written only by workers; its flock serialises
+#            submit, delete and claim (StateLock):
 #     seq                  the last queue sequence number
 #     incoming/<id>/       a submission being written (request.json, payload.tar)
 #     queue/<seq>.<id>/    a queued job; FIFO order is the sorted names
@@ -697,6 +766,7 @@ def _unpack_zip(writer, fileobj, what):
 # removes the first, under the lock, so a reader always finds one of them.
 
 JOB_ID = re.compile(r"job-[0-9a-f]{32}\Z")
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # a directory, opened without following a link
 _QUEUE_ENTRY = re.compile(r"([0-9]{16})\.(job-[0-9a-f]{32})\Z")
 _CLIENT_NAME = re.compile(r"[0-9a-f]{32}\Z")
 
@@ -717,7 +787,7 @@ class Metrics:
     """One process's counters ({name: {labels: value}}) and histograms, kept in one file."""
 
     def __init__(self, path):
-        self.path, self.lock = path, threading.Lock()
+        self.path, self.lock, self.dirty = path, threading.Lock(), False
         try:
             self.doc = _read_json(path) or {"counters": {}, "histograms": {}}
         except (OSError, ValueError):
@@ -727,6 +797,18 @@ class Metrics:
         with self.lock:
             self._count(name, labels)
             self._save()
+
+    def set(self, name, value):
+        """An unlabelled counter that someone else counts (the keeper: runner starts)."""
+        with self.lock:
+            self.doc["counters"][name] = {"{}": value}
+            self._save()
+
+    def flush(self):
+        """Save what a full state tmpfs kept unsaved."""
+        with self.lock:
+            if self.dirty:
+                self._save()
 
     def job_finished(self, status, reason, wall_s, cpu_s):
         """The runner's per-job record: one counter, two histograms, one write."""
@@ -753,7 +835,11 @@ class Metrics:
         try:
             _write_json_atomic(self.path, self.doc)
         except OSError:
-            log.warning("event=metrics_unsaved")  # a full state tmpfs must not fail a request
+            if not self.dirty:
+                log.warning("event=metrics_unsaved")  # a full state tmpfs must not fail a request
+            self.dirty = True
+        else:
+            self.dirty = False
 
 
 _METRICS = None  # this process's Metrics, once it serves (worker_start) or runs jobs (Runner)
@@ -769,11 +855,22 @@ def _utc(ts):
 
 
 def _write_atomic(path, text, mode=0o644):
-    """Write a file by rename, so readers see the old or the new, never half."""
+    """Write a file by rename, so readers see the old or the new, never half.
+
+    Raises OSError (ENOSPC on a full state tmpfs) and then leaves no temporary file.
+    """
     tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode), "w") as f:
-        f.write(text)
-    os.rename(tmp, path)
+    data = text.encode() if isinstance(text, str) else text
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        with open(fd, "wb", buffering=0) as f:
+            view = memoryview(data)
+            while view:
+                view = view[f.write(view):]
+        os.rename(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _write_json_atomic(path, doc, mode=0o644):
@@ -795,14 +892,68 @@ def _read_json(path, limit=4 * MiB):
     return json.loads(data)
 
 
+def tree_remove(parent_fd, name):
+    """Remove `name` below a directory fd (a file, a link, or a tree of any depth), following nothing.
+
+    Two descriptors whatever the depth, no recursion: the entries of each
+    subdirectory are renamed up into the top directory before it is removed,
+    so each entry moves at most once and removing costs linear work.
+    """
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=parent_fd)
+        return
+    top = os.open(name, _DIR, dir_fd=parent_fd)
+    try:
+        while entries := os.listdir(top):
+            for entry in entries:
+                try:
+                    sub = os.open(entry, _DIR, dir_fd=top)
+                except (NotADirectoryError, FileNotFoundError) as exc:
+                    if isinstance(exc, NotADirectoryError):
+                        os.unlink(entry, dir_fd=top)
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:  # a symlink: O_NOFOLLOW refused it
+                        raise
+                    os.unlink(entry, dir_fd=top)
+                    continue
+                try:
+                    for child in os.listdir(sub):
+                        os.rename(child, "." + secrets.token_hex(12), src_dir_fd=sub, dst_dir_fd=top)
+                finally:
+                    os.close(sub)
+                os.rmdir(entry, dir_fd=top)
+    finally:
+        os.close(top)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+def log_failure(event, exc, **fields):
+    """Log an exception by its type and the place it was raised, never its message or
+    arguments: those can carry job content, or paths that a job chose."""
+    where = exc.__traceback__
+    while where is not None and where.tb_next is not None:
+        where = where.tb_next
+    place = f"{where.tb_frame.f_code.co_name}:{where.tb_lineno}" if where is not None else "unknown"
+    log.error("event=%s%s error=%s where=%s", event, "".join(f" {k}={v}" for k, v in fields.items()), type(exc).__name__, place)
+
+
 class StateLock:
-    """The flock on http/lock: one submit, delete or claim at a time."""
+    """The flock on the http/ directory: one submit, delete or claim at a time.
+
+    A directory, not a file in it: the workers own http/'s entries, and a lock
+    file they removed would stop the runner; http/ itself belongs to root's STATE_DIR.
+    """
 
     def __init__(self, blocking=True):
         self.blocking = blocking
 
     def __enter__(self):
-        fd = os.open(state_path("http", "lock"), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(state_path("http"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.blocking else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -943,7 +1094,21 @@ def runner_wake():
 
 
 def _runner_status(job_id):
-    return _read_json(state_path("runner", "jobs", job_id, "status.json"))
+    """The runner's record of a job, or None. The runner keeps records within
+    STATUS_RECORD_MAX_BYTES; one that cannot be read is a 503, never a 500."""
+    try:
+        return _read_json(state_path("runner", "jobs", job_id, "status.json"), STATUS_RECORD_MAX_BYTES)
+    except (OSError, ValueError):
+        log.error("job=%s event=status_unreadable", job_id)
+        raise http_error(503, "status unavailable", "the job's record cannot be read now; try again shortly", headers={"Retry-After": "5"}) from None
+
+
+def status_public(record):
+    """A client's status document from the runner's record, which holds the output list once."""
+    doc = dict(record["public"])
+    doc["output_files"] = {o["name"]: {"path": o["name"], "size_bytes": o["size"], "sha256_hash": o["sha256"], "type": "file"}
+                           for o in record["outputs"]}  # fmt: skip
+    return doc
 
 
 def job_lookup(job_id):
@@ -955,7 +1120,7 @@ def job_lookup(job_id):
         expires = record.get("expires_ts")
         if expires is not None and expires <= time.time():
             return None
-        return record["public"], record
+        return status_public(record), record
     for position, (seq, queued_id) in enumerate(queue_entries(), 1):
         if queued_id == job_id:
             request = _read_json(state_path("http", "queue", f"{seq}.{job_id}", "request.json"))
@@ -963,7 +1128,7 @@ def job_lookup(job_id):
                 break  # claimed in between: the runner's record exists now
             return _status_queued(job_id, request["created_ts"], position), None
     record = _runner_status(job_id)
-    return (record["public"], record) if record is not None else None
+    return (status_public(record), record) if record is not None else None
 
 
 def _status_queued(job_id, created_ts, position):
@@ -1015,7 +1180,7 @@ _libc_gil.syscall.restype = ctypes.c_long
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWTIME = 0x10000000, 0x20000000, 0x40000000, 0x00000080
 CLONE_NEW_ALL = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWTIME
-CLONE_PIDFD = 0x00001000
+CLONE_PIDFD, CLONE_PARENT = 0x00001000, 0x00008000
 # <linux/mount.h>
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
@@ -1361,31 +1526,38 @@ class Cgroups:
         except FileNotFoundError:
             return []  # never created, or already removed
 
-    def kill_and_remove(self, name):
-        """SIGKILL whatever is left in the job's cgroup, then remove it."""
+    def kill(self, name):
+        """SIGKILL whatever is left in a job's cgroup."""
         if self.version == 2 and os.path.exists(self._file(name, "pids", "cgroup.kill")):
             _write(self._file(name, "pids", "cgroup.kill"), "1")
+            return
+        for pid in self.procs(name):
+            with contextlib.suppress(ProcessLookupError):  # already gone: the goal
+                os.kill(pid, signal.SIGKILL)
+
+    def remove(self, name):
+        """Remove a job's cgroup(s) if they are empty; False while a task is still leaving."""
+        for path in self.job_dirs(name):
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                return False
+        return True
+
+    def kill_and_remove(self, name):
+        """Kill and remove, waiting for it (start-up, shutdown, spares): the runner's loop uses kill() and remove()."""
         deadline = time.monotonic() + 5
-        while self.procs(name):
+        while True:
+            self.kill(name)
+            if self.remove(name):
+                return
             if time.monotonic() > deadline:
                 raise JailError(f"cgroup {name}: processes survive SIGKILL")
-            for pid in self.procs(name):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    continue  # already gone: the goal
             time.sleep(0.01)
-        for path in self.job_dirs(name):
-            if not os.path.isdir(path):
-                continue
-            for attempt in range(100):
-                try:
-                    os.rmdir(path)
-                    break
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY or attempt == 99:
-                        raise
-                    time.sleep(0.01)  # the last task is still leaving the cgroup
 
     def release(self):
         """Master, on exit: remove the v1 base directories once the runner is gone."""
@@ -1412,16 +1584,48 @@ def _swap_enabled():
         return len(f.read().splitlines()) > 1
 
 
-# 5.4 The jail. jail_build(), jail_assign() and jail_discard() run in the
-# runner, jail_enter() in the cloned child. Its body sits in try/finally os._exit(): no exception
-# can unwind a child back into the runner's loop.
+# 5.4 The jail. The runner asks its jail factory for every jail (jail_build);
+# the factory clones the jail's pid 1 (jail_clone) as the runner's child; that
+# process builds the jail (jail_prepare), waits for its job (jail_run) and
+# stays as the jail's init (jail_init). jail_assign() and jail_discard() run in
+# the runner. A cloned child's body sits in try/finally os._exit(): no
+# exception can unwind it back into the factory's loop.
+#
+# The runner <-> jail channel, made per jail by the factory:
+#   setup   SOCK_SEQPACKET socket, one message per send:
+#             jail -> runner  MSG_WORK "W" with the /work directory fd;
+#                             MSG_FAILED "E<step>: <error>", then the jail exits;
+#                             MSG_STARTED "X" once the job is spawned.
+#             runner -> jail  MSG_JOB "J" with three fds: the job's description
+#                             (a memfd), its payload tar and its stdin.
+#           EOF at the runner: the jail closed its end (its job runs) or died.
+#           EOF at a waiting jail: the runner does not need it; it leaves quietly.
+#   go      pipe, never written: EOF at the jail means the runner is gone.
+#   status  pipe, jail -> runner: 4 bytes, the job's wait status. EOF with
+#           nothing: the jail's init was killed from outside.
+#   stdout, stderr  pipes, job -> runner.
+# The runner <-> factory channel, one SOCK_SEQPACKET socket:
+#   runner -> factory  FACTORY_BUILD "B<cgroup>": clone a jail into that cgroup;
+#   factory -> runner  FACTORY_BUILT "P<pid>" with the runner's six ends of the
+#                      jail's channel (pidfd, stdout, stderr, setup, go, status),
+#                      or MSG_FAILED "E<error>". EOF at the factory: the runner is
+#                      gone; at the runner: the factory died (FactoryError).
 
+MSG_WORK, MSG_FAILED, MSG_STARTED, MSG_JOB = b"W", b"E", b"X", b"J"
+FACTORY_BUILD, FACTORY_BUILT = b"B", b"P"
+FACTORY_ANSWER_S = 10  # a clone takes milliseconds; past this the factory is stuck
 EXIT_JAIL_FAILED = 125  # a child's exit code when a jail step failed (the runner also gets the reason)
 JAIL_ROOT_SIZE = "1m"  # the root tmpfs holds only mount points and a few /etc files
 #: Host files the interpreters need, bound read-only into the jail's /etc when present.
 JAIL_ETC_BINDS = ("alternatives", "ld.so.cache", "localtime", "nsswitch.conf", "perl", "python3", "python3.11", "ssl")
 #: Device nodes a program expects; bound from the host, never created (no mknod).
 JAIL_DEV_NODES = ("full", "null", "random", "urandom", "zero")
+#: What a job reads in /proc/1/cmdline: nothing of the host's command line or paths.
+JAIL_CMDLINE = b"sandrun-jail\0"
+
+
+class FactoryError(Exception):
+    """The jail factory died or stopped answering: a fault of the runner's own machinery."""
 
 
 class JailSpec:
@@ -1450,14 +1654,16 @@ class JailHandle:
     def __init__(self, cgroup, pid, pidfd, stdout_r, stderr_r, setup, go_w, status_r):
         self.cgroup, self.pid, self.pidfd = cgroup, pid, pidfd
         self.stdout_r, self.stderr_r, self.setup, self.go_w, self.status_r = stdout_r, stderr_r, setup, go_w, status_r
+        self.reaped = False
 
     def close(self):
-        """Close the runner's ends; the setup socket first, so a spare jail waiting on it leaves."""
+        """Close the runner's ends, once; the setup socket first, so a spare jail waiting on it leaves."""
         self.setup.close()
-        for fd in (self.stdout_r, self.stderr_r, self.pidfd, self.status_r, self.go_w):
+        for name in ("stdout_r", "stderr_r", "pidfd", "status_r", "go_w"):
+            fd = getattr(self, name)
             if fd is not None:
                 os.close(fd)
-        self.go_w = None
+                setattr(self, name, None)
 
 
 class JailEnds:
@@ -1467,38 +1673,84 @@ class JailEnds:
         self.stdout_w, self.stderr_w, self.go_r, self.setup, self.status_w = stdout_w, stderr_w, go_r, setup, status_w
 
 
-def jail_build(cgroups, bpf):
-    """Runner: a new jail, built as far as it goes without a job; returns a JailHandle.
+def factory_start(cgroups):
+    """Fork the jail factory: the runner does it first thing, before it reads any job (and
+    the start-up probe does the same). Returns (pid, socket to it)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ours.close()
+            factory_main(theirs, cgroups, parent)
+        except BaseException as exc:
+            log_failure("factory_failed", exc)
+        finally:
+            os._exit(1)
+    theirs.close()
+    ours.settimeout(FACTORY_ANSWER_S)
+    return pid, ours
 
-    All of it is the same for every job, so the runner builds the next jail
-    while it waits or while jobs run, and a job waits only for jail_assign().
-    The jail has its own fresh cgroup, with the largest memory limit until
-    jail_assign() lowers it. Raises JailError if the cgroup or the clone fails.
+
+def factory_main(sock, cgroups, parent):
+    """The jail factory: clones jails on request, and does nothing else. Never returns.
+
+    Every jail's pid 1 is a copy of this process, so it must hold nothing of
+    anyone's: it is forked before any job is read, gets no key, and never
+    touches a job's data. Idle between requests, its pages stay as they
+    were, and a clone copies only what the jail itself writes.
     """
-    cgroup = "jail-" + secrets.token_hex(8)
-    try:
-        cgroups.create(cgroup, JOB_MEMORY_MAX_BYTES)
-    except (OSError, JailError) as exc:
-        cgroups.kill_and_remove(cgroup)
-        raise JailError(f"cgroup: {exc}") from None
+    prctl.set_name("sandrun-factory")
+    prctl.set_pdeathsig(signal.SIGKILL)  # it serves one runner, and goes with it
+    if os.getppid() != parent:
+        return
+    os.closerange(3, sock.fileno())
+    os.closerange(sock.fileno() + 1, 1 << 20)
+    bpf = seccomp_build()
+    gc.collect()
+    gc.freeze()  # collections in the jails would otherwise write to every object, copying its page
+    while True:
+        data, fds = recv_fds(sock, 256, 0)
+        if not data:
+            os._exit(0)  # the runner is gone
+        if data[:1] != FACTORY_BUILD:
+            sock.send(MSG_FAILED + b"unknown request")
+            continue
+        try:
+            pid, ends = jail_clone(cgroups, data[1:].decode(), bpf)
+        except OSError as exc:
+            sock.send(MSG_FAILED + f"clone: {exc.strerror}".encode())
+            continue
+        try:
+            socket.send_fds(sock, [FACTORY_BUILT + struct.pack("i", pid)], ends)
+        finally:
+            for fd in ends:
+                os.close(fd)
+
+
+def jail_clone(cgroups, cgroup, bpf):
+    """Factory: clone a jail's pid 1 into new namespaces; returns (pid, the runner's six ends).
+
+    CLONE_PARENT makes the jail the runner's child, not the factory's: the
+    runner reaps it, and its death signal fires when the runner dies.
+    New mount, pid, network, IPC and UTS namespaces: the job sees none of the
+    host's mounts, processes, interfaces, SysV IPC or name. (The cgroup
+    namespace comes in jail_prepare, once the jail is inside its cgroup.)
+    """
     stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
     stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
-    go_r, go_w = os.pipe2(os.O_CLOEXEC)  # never written: EOF on go_r tells C2 the runner is gone
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     setup_parent, setup_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ends = JailEnds(stdout_w, stderr_w, go_r, setup_child, status_w)
     try:
-        # New mount, pid, network, IPC and UTS namespaces: the job sees none of the
-        # host's mounts, processes, interfaces, SysV IPC or name. (The cgroup
-        # namespace comes in jail_enter, once C2 is inside the jail's cgroup.)
-        pid, pidfd = clone(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
-    except OSError as exc:
+        pid, pidfd = clone(CLONE_PARENT | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
+    except OSError:
         for fd in (stdout_r, stdout_w, stderr_r, stderr_w, go_r, go_w, status_r, status_w):
             os.close(fd)
         setup_parent.close()
         setup_child.close()
-        cgroups.kill_and_remove(cgroup)
-        raise JailError(f"clone: {exc}") from None
+        raise
     if pid == 0:
         try:
             for fd in (go_w, stdout_r, stderr_r, status_r):
@@ -1512,7 +1764,40 @@ def jail_build(cgroups, bpf):
     setup_child.close()
     for fd in (stdout_r, stderr_r, status_r):
         os.set_blocking(fd, False)
-    return JailHandle(cgroup, pid, pidfd, stdout_r, stderr_r, setup_parent, go_w, status_r)
+    return pid, [pidfd, stdout_r, stderr_r, setup_parent.detach(), go_w, status_r]
+
+
+def jail_build(factory, cgroups):
+    """Runner: a new jail, built as far as it goes without a job; returns a JailHandle.
+
+    All of it is the same for every job, so the runner builds the next jail
+    while it waits or while jobs run, and a job waits only for jail_assign().
+    The jail has its own fresh cgroup, with the largest memory limit until
+    jail_assign() lowers it. Raises JailError if the cgroup or the clone
+    fails, FactoryError if the factory does not answer.
+    """
+    cgroup = "jail-" + secrets.token_hex(8)
+    try:
+        cgroups.create(cgroup, JOB_MEMORY_MAX_BYTES)
+    except (OSError, JailError) as exc:
+        cgroups.kill_and_remove(cgroup)
+        raise JailError(f"cgroup: {exc}") from None
+    try:
+        factory.send(FACTORY_BUILD + cgroup.encode())
+        data, fds = recv_fds(factory, 64, 6)
+    except OSError as exc:  # a timeout too
+        cgroups.kill_and_remove(cgroup)
+        raise FactoryError(f"the jail factory does not answer ({type(exc).__name__})") from None
+    if data[:1] == FACTORY_BUILT and len(data) == 5 and len(fds) == 6:
+        pidfd, stdout_r, stderr_r, setup, go_w, status_r = fds
+        (pid,) = struct.unpack("i", data[1:])
+        return JailHandle(cgroup, pid, pidfd, stdout_r, stderr_r, socket.socket(fileno=setup), go_w, status_r)
+    for fd in fds:
+        os.close(fd)
+    cgroups.kill_and_remove(cgroup)
+    if not data:
+        raise FactoryError("the jail factory died")
+    raise JailError(data[1:].decode(errors="replace"))
 
 
 def _memfd(name, data):
@@ -1533,7 +1818,7 @@ def jail_assign(handle, spec, cgroups):
     description = _memfd("job", json.dumps({"argv": spec.argv, "env": spec.env, "timeout_s": spec.timeout_s}).encode())
     stdin = _memfd("stdin", spec.stdin) if spec.stdin else os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        socket.send_fds(handle.setup, [b"J"], [description, spec.payload_fd, stdin])
+        socket.send_fds(handle.setup, [MSG_JOB], [description, spec.payload_fd, stdin])
     except OSError as exc:
         raise JailError(f"jail gone before its job: {exc}") from None
     finally:
@@ -1559,149 +1844,167 @@ def jail_job_status(handle, init_status):
     return struct.unpack("i", data)[0] if len(data) == 4 else init_status
 
 
-def _jail_report(setup, step, exc):
-    """Child: tell the runner which step failed and why, before dying."""
-    text = f"E{step}: {exc}"[:4000]
-    setup.send(text.encode(errors="replace"))
+class _JailSteps:
+    """The jail step under way, so that a failure can name it to the runner."""
+
+    def __init__(self):
+        self.name = "start"
+
+    def __call__(self, name):
+        self.name = name
 
 
 def jail_enter(cgroups, cgroup, bpf, ends):
     """C2: pid 1 of the job's namespaces, root until the drop. Never returns.
 
-    One step per line, in the order the security argument needs. On any
-    failure the runner is told which step failed and nothing runs. The
-    steps up to "wait for the job" are the same for every job, so a spare
-    jail waits for its job already unprivileged and under seccomp; then the
-    runner sends one (jail_assign). C2 ends as the jail's init (jail_init):
-    the job itself is its child C3, so the job has ordinary signal semantics
-    and its orphans are reaped.
+    jail_prepare() builds the jail: every step the same for every job, so a
+    spare jail waits for its job already unprivileged and under seccomp.
+    jail_run() takes the job and spawns it (C3). C2 then stays as the jail's
+    init (jail_init): the job has ordinary signal semantics and its orphans
+    are reaped. On any failure the runner is told which step failed, and
+    nothing runs.
     """
-    step = "start"
-    setup = ends.setup
+    step = _JailSteps()
     try:
-        prctl.set_name("sandrun-jail")  # in ps on the host: a jail's init, spare or running a job
-        gc.disable()  # a collection would touch, and so copy, the runner's pages: memory charged to the job
-        step = "death signal"
-        # If the runner dies, the kernel kills pid 1 and with it the whole job.
-        prctl.set_pdeathsig(signal.SIGKILL)
-        if select_readable(ends.go_r):
-            raise JailError("runner died before the death signal was armed")
-        step = "own descriptors only"
-        _jail_fds(ends)
-        step = "cgroup"
-        # First thing, before C2 creates anything a job could use.
-        cgroups.join_self(cgroup)
-        step = "cgroup namespace"
-        # From inside the job's cgroup, so that cgroup is the root of all the job can see.
-        unshare(CLONE_NEWCGROUP)
-        step = "private mounts"
-        # Otherwise mounts below could propagate back to the host (systemd makes / shared).
-        mount(None, "/", None, MS_REC | MS_PRIVATE)
-        step = "root tmpfs"
-        root = state_path("runner", "root")
-        mount_tmpfs(root, f"size={JAIL_ROOT_SIZE},mode=0755")
-        step = "filesystem tree"
-        _jail_tree(root)
-        step = "bind /usr"
-        # Read-only, nosuid (setuid binaries do not elevate), nodev.
-        mount_bind_readonly("/usr", root + "/usr")
-        step = "/etc"
-        _jail_etc(root)
-        step = "/proc"
-        # Mounted by pid 1 of the new pid namespace, so it shows the job's processes only.
-        mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        step = "/dev"
-        _jail_dev(root)
-        step = "/tmp"
-        # Private, size-capped and charged to the job's memory: no cross-job /tmp.
-        mount_tmpfs(root + "/tmp", f"size={JOB_TMP_MAX_BYTES},mode=1777")
-        step = "/work"
-        mount_tmpfs(root + "/work", f"size={JOB_WORKDIR_MAX_BYTES},mode=0755,uid={JOB_UID},gid={JOB_UID}")
-        step = "hand over /work"
-        # The runner copies outputs from this fd after the job ends; the tmpfs
-        # lives as long as the fd does, and the runner never needs a path into it.
-        work_fd = os.open(root + "/work", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        socket.send_fds(setup, [b"W"], [work_fd])
-        os.close(work_fd)
-        step = "pivot_root"
-        # Swap the root for the tmpfs; detaching the old root makes the host's files unreachable.
-        pivot_root(root, root + "/oldroot")
-        os.chdir("/")
-        umount2("/oldroot", MNT_DETACH)
-        os.rmdir("/oldroot")
-        step = "read-only root"
-        # After pivot_root and the rmdir: nothing else is created at the top.
-        mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-        mount_bind_readonly("/proc/sys", "/proc/sys", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        step = "hostname"
-        socket.sethostname("sandbox")
-        step = "loopback"
-        # The new network namespace has only 'lo', down; up, a job can talk to itself and nothing else.
-        _jail_loopback_up()
-        step = "rlimits"
-        _jail_rlimits()
-        step = "setsid"
-        # No controlling terminal: TIOCSTI has nothing to inject into (seccomp denies it too).
-        os.setsid()
-        step = "drop bounding set"
-        # Needs CAP_SETPCAP, so before the uid change; afterwards nothing can regain a capability.
-        _jail_drop_bounding_set()
-        step = "drop identity"
-        # No groups, then gid, then uid: changing uid away from 0 clears permitted and effective caps.
-        os.setgroups([])
-        os.setresgid(JOB_UID, JOB_UID, JOB_UID)
-        os.setresuid(JOB_UID, JOB_UID, JOB_UID)
-        _jail_verify_unprivileged()
-        step = "death signal again"
-        # The uid change cleared it; without it a job would outlive a runner that dies.
-        prctl.set_pdeathsig(signal.SIGKILL)
-        if select_readable(ends.go_r):
-            raise JailError("runner died before the death signal was armed again")
-        step = "no_new_privs"
-        # execve can never grant privileges again (setuid bits, file caps); seccomp requires it.
-        prctl.set_no_new_privs(True)
-        if (seen := _proc_status().get("NoNewPrivs")) != "1":
-            raise JailError(f"NoNewPrivs reads back {seen}")
-        step = "signals"
-        # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive execve.
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        step = "seccomp"
-        # Last of the steps that need calls the filter denies. Loaded here, in
-        # pid 1, so the init that outlives the job is confined too, and so is
-        # everything below, which handles the job's input.
-        seccomp_load(bpf)
-        if (seen := _proc_status().get("Seccomp")) != "2":
-            raise JailError(f"Seccomp reads back {seen}")
-        step = "wait for the job"
-        # Everything below depends on the job, and runs unprivileged under seccomp.
-        # The runner closing the socket instead means this jail is not needed:
-        # leave quietly, and the kernel undoes it all.
-        job, payload_fd, stdin_fd = _jail_receive(setup)
-        step = "cpu limit"
-        # SIGXCPU at the job's timeout, SIGKILL a second later (reason cpu_limit); only lowered.
-        cpu_s = int(job["timeout_s"] + 0.999)
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-        step = "unpack payload"
-        # As the job's user, inside the jail: a hostile archive can only touch the job's own tmpfs.
-        os.chdir("/work")
-        _jail_unpack(payload_fd)  # and closes it
-        step = "file descriptors"
-        # Only stdin, stdout and stderr cross execve: everything else is closed or close-on-exec.
-        _jail_fds(ends, stdin_fd)
-        step = "execve"
-        # vfork and execve (posix_spawn): the job starts without a copy of this process.
-        pid = os.posix_spawn(job["argv"][0], job["argv"], job["env"], setsigmask=(), file_actions=[
-            (os.POSIX_SPAWN_DUP2, stdin_fd, 0), (os.POSIX_SPAWN_DUP2, ends.stdout_w, 1), (os.POSIX_SPAWN_DUP2, ends.stderr_w, 2)])
-        setup.send(b"X")  # the job runs: a jail that dies before this line ran nothing
+        jail_prepare(cgroups, cgroup, bpf, ends, step)
+        job_pid, stdin_fd = jail_run(ends, step)
     except BaseException as exc:
-        _jail_report(setup, step, exc)
+        ends.setup.send(MSG_FAILED + f"{step.name}: {exc}"[:4000].encode(errors="replace"))
         os._exit(EXIT_JAIL_FAILED)
     try:
-        jail_init(pid, ends, stdin_fd)
+        jail_init(job_pid, ends, stdin_fd)
     finally:
         os._exit(EXIT_JAIL_FAILED)
+
+
+def jail_prepare(cgroups, cgroup, bpf, ends, step):
+    """C2, root: build the jail, one step per line in the order the security argument needs."""
+    prctl.set_name("sandrun-jail")  # in ps on the host: a jail's init, spare or running a job
+    gc.disable()  # a collection would touch, and so copy, the factory's pages: memory charged to the job
+    step("death signal")
+    # If the runner dies, the kernel kills pid 1 and with it the whole job.
+    prctl.set_pdeathsig(signal.SIGKILL)
+    if select_readable(ends.go_r):
+        raise JailError("runner died before the death signal was armed")
+    step("own descriptors only")
+    _jail_fds(ends)
+    step("cgroup")
+    # First thing, before C2 creates anything a job could use.
+    cgroups.join_self(cgroup)
+    step("cgroup namespace")
+    # From inside the job's cgroup, so that cgroup is the root of all the job can see.
+    unshare(CLONE_NEWCGROUP)
+    step("private mounts")
+    # Otherwise mounts below could propagate back to the host (systemd makes / shared).
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    step("root tmpfs")
+    root = state_path("runner", "root")
+    mount_tmpfs(root, f"size={JAIL_ROOT_SIZE},mode=0755")
+    step("filesystem tree")
+    _jail_tree(root)
+    step("bind /usr")
+    # Read-only, nosuid (setuid binaries do not elevate), nodev.
+    mount_bind_readonly("/usr", root + "/usr")
+    step("/etc")
+    _jail_etc(root)
+    step("/proc")
+    # Mounted by pid 1 of the new pid namespace, so it shows the job's processes only.
+    mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    step("/dev")
+    _jail_dev(root)
+    step("/tmp")
+    # Private, size-capped and charged to the job's memory: no cross-job /tmp.
+    mount_tmpfs(root + "/tmp", f"size={JOB_TMP_MAX_BYTES},nr_inodes={JOB_TMP_INODES_MAX},mode=1777")
+    step("/work")
+    # Its inode cap bounds the entries the runner walks when it collects outputs.
+    mount_tmpfs(root + "/work", f"size={JOB_WORKDIR_MAX_BYTES},nr_inodes={JOB_WORKDIR_INODES_MAX},mode=0755,uid={JOB_UID},gid={JOB_UID}")
+    step("hand over /work")
+    # The runner copies outputs from this fd after the job ends; the tmpfs
+    # lives as long as the fd does, and the runner never needs a path into it.
+    work_fd = os.open(root + "/work", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    socket.send_fds(ends.setup, [MSG_WORK], [work_fd])
+    os.close(work_fd)
+    step("pivot_root")
+    # Swap the root for the tmpfs; detaching the old root makes the host's files unreachable.
+    pivot_root(root, root + "/oldroot")
+    os.chdir("/")
+    umount2("/oldroot", MNT_DETACH)
+    os.rmdir("/oldroot")
+    step("read-only root")
+    # After pivot_root and the rmdir: nothing else is created at the top.
+    mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    mount_bind_readonly("/proc/sys", "/proc/sys", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    step("hostname")
+    socket.sethostname("sandbox")
+    step("loopback")
+    # The new network namespace has only 'lo', down; up, a job can talk to itself and nothing else.
+    _jail_loopback_up()
+    step("command line")
+    # /proc/1/cmdline is readable by every job: make it say what this is, not the
+    # server's command line with the checkout's path.
+    _jail_cmdline()
+    step("rlimits")
+    _jail_rlimits()
+    step("setsid")
+    # No controlling terminal: TIOCSTI has nothing to inject into (seccomp denies it too).
+    os.setsid()
+    step("drop bounding set")
+    # Needs CAP_SETPCAP, so before the uid change; afterwards nothing can regain a capability.
+    _jail_drop_bounding_set()
+    step("drop identity")
+    # No groups, then gid, then uid: changing uid away from 0 clears permitted and effective caps.
+    os.setgroups([])
+    os.setresgid(JOB_UID, JOB_UID, JOB_UID)
+    os.setresuid(JOB_UID, JOB_UID, JOB_UID)
+    _jail_verify_unprivileged()
+    step("death signal again")
+    # The uid change cleared it; without it a job would outlive a runner that dies.
+    prctl.set_pdeathsig(signal.SIGKILL)
+    if select_readable(ends.go_r):
+        raise JailError("runner died before the death signal was armed again")
+    step("no_new_privs")
+    # execve can never grant privileges again (setuid bits, file caps); seccomp requires it.
+    prctl.set_no_new_privs(True)
+    if (seen := _proc_status().get("NoNewPrivs")) != "1":
+        raise JailError(f"NoNewPrivs reads back {seen}")
+    step("signals")
+    # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive execve.
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    step("seccomp")
+    # Last of the steps that need calls the filter denies. Loaded here, in
+    # pid 1, so the init that outlives the job is confined too, and so is
+    # everything below, which handles the job's input.
+    seccomp_load(bpf)
+    if (seen := _proc_status().get("Seccomp")) != "2":
+        raise JailError(f"Seccomp reads back {seen}")
+
+
+def jail_run(ends, step):
+    """C2, unprivileged and under seccomp: take the job and spawn it; (job pid, stdin fd)."""
+    step("wait for the job")
+    # Everything below depends on the job, and runs unprivileged under seccomp.
+    # The runner closing the socket instead means this jail is not needed:
+    # leave quietly, and the kernel undoes it all.
+    job, payload_fd, stdin_fd = _jail_receive(ends.setup)
+    step("cpu limit")
+    # SIGXCPU at the job's timeout, SIGKILL a second later (reason cpu_limit); only lowered.
+    cpu_s = int(job["timeout_s"] + 0.999)
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+    step("unpack payload")
+    # As the job's user, inside the jail: a hostile archive can only touch the job's own tmpfs.
+    os.chdir("/work")
+    _jail_unpack(payload_fd)  # and closes it
+    step("file descriptors")
+    # Only stdin, stdout and stderr cross execve: everything else is closed or close-on-exec.
+    _jail_fds(ends, stdin_fd)
+    step("execve")
+    # vfork and execve (posix_spawn): the job starts without a copy of this process.
+    pid = os.posix_spawn(job["argv"][0], job["argv"], job["env"], setsigmask=(), file_actions=[
+        (os.POSIX_SPAWN_DUP2, stdin_fd, 0), (os.POSIX_SPAWN_DUP2, ends.stdout_w, 1), (os.POSIX_SPAWN_DUP2, ends.stderr_w, 2)])
+    ends.setup.send(MSG_STARTED)  # the job runs: a jail that dies before this line ran nothing
+    return pid, stdin_fd
 
 
 def jail_init(job_pid, ends, stdin_fd):
@@ -1772,7 +2075,7 @@ def _jail_dev(root):
     os.mkdir(dev + "/shm")
     mount(None, dev, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
     # Private per job: a shared /dev/shm was a cross-sandbox channel in isolate (2.6).
-    mount_tmpfs(dev + "/shm", f"size={JOB_TMP_MAX_BYTES},mode=1777")
+    mount_tmpfs(dev + "/shm", f"size={JOB_TMP_MAX_BYTES},nr_inodes={JOB_TMP_INODES_MAX},mode=1777")
 
 
 def _jail_loopback_up():
@@ -1780,6 +2083,25 @@ def _jail_loopback_up():
         request = struct.pack("16sH14x", b"lo", 0)
         (flags,) = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, request), 16)
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def _jail_cmdline():
+    """Overwrite this process's argument strings with JAIL_CMDLINE, and read it back.
+
+    The area is the process's own memory (its stack, where execve put argv).
+    With its last byte not NUL, the kernel reads it as setproctitle(3) leaves
+    it: up to the first NUL. No privilege is needed for any of it.
+    """
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    arg_start, arg_end = int(fields[45]), int(fields[46])  # fields 48 and 49 of proc(5)
+    if arg_end - arg_start < len(JAIL_CMDLINE) + 1:
+        raise JailError(f"the argument area has {arg_end - arg_start} bytes: too short to overwrite")
+    area = JAIL_CMDLINE + b"." * (arg_end - arg_start - len(JAIL_CMDLINE))
+    ctypes.memmove(arg_start, area, len(area))
+    with open("/proc/self/cmdline", "rb") as f:
+        if (seen := f.read()) != JAIL_CMDLINE:
+            raise JailError(f"/proc/self/cmdline reads back {seen[:64]!r}")
 
 
 def _jail_rlimits():
@@ -1858,7 +2180,7 @@ def _jail_receive(setup):
     data, fds = recv_fds(setup, 16, 3)
     if not data and not fds:
         os._exit(0)
-    if data != b"J" or len(fds) != 3:
+    if data != MSG_JOB or len(fds) != 3:
         raise JailError(f"malformed job message ({len(data)} bytes, {len(fds)} fds)")
     description, payload_fd, stdin_fd = fds
     with open(description, "rb") as f:
@@ -1910,7 +2232,7 @@ def interpreters_find():
     return found
 
 
-def host_check(cgroups, bpf):
+def host_check(cgroups):
     """Master, at start: run one real job through the whole jail; raise HostError if it fails."""
     if os.geteuid() != 0:
         raise HostError("the server must start as root: only the runner keeps privileges, to build jails")
@@ -1934,8 +2256,9 @@ def host_check(cgroups, bpf):
     os.write(payload_fd, payload.getvalue())
     os.lseek(payload_fd, 0, os.SEEK_SET)
     handle = None
+    factory_pid, factory = factory_start(cgroups)  # the same way the runner builds jails
     try:
-        handle = jail_build(cgroups, bpf)
+        handle = jail_build(factory, cgroups)
         jail_assign(handle, JailSpec(manifest, payload_fd), cgroups)
         _, init_status = os.waitpid(handle.pid, 0)
         status = jail_job_status(handle, init_status)
@@ -1946,16 +2269,18 @@ def host_check(cgroups, bpf):
                 os.close(fd)
             if not chunk:
                 break
-            message = chunk if chunk.startswith(b"E") else message
+            message = chunk if chunk.startswith(MSG_FAILED) else message
         handle.close()
         if message:
             raise HostError(f"the jail cannot be built on this host: {message[1:].decode(errors='replace')}")
         if os.waitstatus_to_exitcode(status) != 0:
             raise HostError(f"the start-up probe job failed inside the jail (status {status})")
-    except (OSError, JailError) as exc:
+    except (OSError, JailError, FactoryError) as exc:
         raise HostError(f"the jail cannot be built on this host: {exc}") from None
     finally:
         os.close(payload_fd)
+        factory.close()  # EOF: the factory leaves
+        os.waitpid(factory_pid, 0)
         if handle is not None:
             cgroups.kill_and_remove(handle.cgroup)
 
@@ -1966,8 +2291,15 @@ def host_check(cgroups, bpf):
 # them all in one selector loop: output pipes, setup sockets, pidfds and
 # deadlines. Everything it reads from STATE/http is hostile: it walks there
 # with directory fds and O_NOFOLLOW, and it writes only below STATE/runner.
+#
+# Containment: every step the runner takes for one job or one queue entry
+# runs behind Runner._guard(), which turns an exception into that job ending
+# internal_error (its jail killed, its files removed) while every other job
+# carries on. Only a fault of the runner's own machinery (its selector, its
+# lock, its factory) ends the runner, and the keeper starts a new one. Work
+# whose size a job controls (collecting outputs) is done in small slices
+# between looks at everything else, within caps and a time budget.
 
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 READ_CHUNK_BYTES = 64 * KiB
 SCAN_INTERVAL_S = 0.5  # a missed wake-up delays a job by at most this much
 SPARE_IDLE_S = 0.010  # more spares are built once the runner has had nothing to do for this long
@@ -1975,6 +2307,9 @@ SPARE_IDLE_S = 0.010  # more spares are built once the runner has had nothing to
 #: cgroup alone waits for an RCU grace period), so with two, jobs that come one right
 #: after another still find one ready.
 SPARE_JAILS = 2
+HEARTBEAT_S = 1.0  # how often the runner tells the keeper (and /health) it is alive
+COLLECT_SLICE_S = 0.02  # output collection runs this long at most between two looks at the rest
+COPY_CHUNK_BYTES = 1 * MiB  # one step of an output copy
 
 
 def _open_beneath(parts, flags=_DIR):
@@ -1990,14 +2325,6 @@ def _open_beneath(parts, flags=_DIR):
         os.close(fd)
 
 
-def _remove_beneath(dir_fd, name):
-    """Remove a file, link or tree from a hostile directory without following anything."""
-    if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-        shutil.rmtree(name, dir_fd=dir_fd)
-    else:
-        os.unlink(name, dir_fd=dir_fd)
-
-
 def _read_untrusted(dir_fd, name, limit):
     """A regular file's bytes from a hostile directory, or OSError."""
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -2008,8 +2335,28 @@ def _read_untrusted(dir_fd, name, limit):
         return f.read(limit)
 
 
+def _pages(size):
+    """What `size` bytes take in a tmpfs."""
+    return -(-size // PAGE_BYTES) * PAGE_BYTES
+
+
+class JobLog:
+    """One output stream of a running job: its log file, the bytes kept, whether any were dropped."""
+
+    def __init__(self, fd):
+        self.fd, self.kept, self.truncated = fd, 0, False
+
+
+class Collected:
+    """What an output collection has copied so far (it may be stopped at any step)."""
+
+    def __init__(self):
+        self.files, self.truncated, self.bytes, self.names_bytes, self.entries = [], False, 0, 0, 0
+        self.state_bytes = 0  # what the copies take in the state tmpfs, whole pages
+
+
 class Job:
-    """A claimed job, as the runner tracks it."""
+    """A claimed job, as the runner tracks it from its claim to its record."""
 
     def __init__(self, job_id, client, manifest, created_ts):
         self.id, self.client, self.manifest, self.created_ts = job_id, client, manifest, created_ts
@@ -2023,31 +2370,85 @@ class Job:
         self.forced_reason = None  # timeout, output_limit or killed, set when the runner kills
         self.deleted = False
         self.exec_done = False
-        self.logs = {}  # 1 / 2 -> [fd of the log file, bytes kept, truncated]
+        self.logs = {}  # 1, 2 -> JobLog
+        self.wait_status = None  # once the jail is gone
+        self.cpu_s = self.memory_peak = None
+        self.oom_kills = 0
+        self.collector = None  # the output collection under way: a generator, and when it must stop
+        self.collect_deadline = 0.0
+        self.collected = Collected()
+
+    def state_bytes(self):
+        """What its results take in the state tmpfs so far."""
+        return sum(_pages(log.kept) for log in self.logs.values()) + self.collected.state_bytes
+
+
+def job_end(wait_status, *, exec_done, setup_error, forced_reason, oom_kills, cpu_s, timeout_s):
+    """(state, reason, exit_code, signal) of an ended job, from what the runner saw of it.
+
+    A job whose jail failed, or died before its job was spawned without the
+    runner killing it, ran nothing: internal_error, whatever else is known.
+    """
+    exit_code = signum = None
+    if wait_status is not None:
+        if os.WIFSIGNALED(wait_status):
+            signum = os.WTERMSIG(wait_status)
+        elif os.WIFEXITED(wait_status):
+            exit_code = os.WEXITSTATUS(wait_status)
+    if setup_error is not None or (wait_status is not None and not exec_done and forced_reason is None):
+        return "failed", "internal_error", None, None
+    if forced_reason is not None:
+        reason = forced_reason
+    elif oom_kills > 0:
+        reason = "memory_limit"
+    elif signum == signal.SIGXCPU or (signum == signal.SIGKILL and cpu_s is not None and cpu_s >= timeout_s):
+        reason = "cpu_limit"
+    elif signum is not None:
+        reason = "signal"
+    else:
+        reason = "exit_code"
+    return ("completed" if reason == "exit_code" and exit_code == 0 else "failed"), reason, exit_code, signum
 
 
 class Runner:
-    def __init__(self, cgroups):
+    """The runner: claims queued jobs, runs each in a jail of its own, records how each ended.
+
+    run() is the loop; the keeper restarts a runner that dies or stops
+    beating. Jails come from the factory forked first thing, so none of them
+    is a copy of this process and what it holds of other jobs.
+    """
+
+    def __init__(self, cgroups, heartbeat_fd, starts):
         self.cgroups = cgroups
-        self.jobs = {}  # job_id -> Job, running
-        self.expiry = {}  # job_id -> expires_ts, finished
+        self.heartbeat_fd, self.starts = heartbeat_fd, starts
+        self.jobs = {}  # job_id -> Job: claimed, and not yet recorded as ended
+        self.expiry = {}  # job_id -> expires_ts, recorded as ended
+        self.expiry_heap = []  # (expires_ts, job_id), the next expiry first; stale entries are skipped
         self.selector = selectors.DefaultSelector()
         self.stopping = False
-        self.heartbeat = 0.0
+        self.beaten = 0.0
         self.next_scan = 0.0  # when to look at the queue and tombstones again without a wake-up
         self.charges_swept = 0.0
         self.spares = collections.deque()  # jails built ahead, oldest first, waiting for jobs (jail_build)
         self.spare_retry = 0.0
+        self.doomed = set()  # cgroups of ended jails still being emptied by the kernel
+        self.unsaved = {}  # bookkeeping writes that met a full state tmpfs: name -> retry function
+        self.waiting_for_space = False
 
     # 6.1 Start and the loop
 
     def run(self):
         global _METRICS
         prctl.set_child_subreaper(True)  # a job's orphans, should its init ever leave them
-        _METRICS = Metrics(state_path("runner", "metrics.json"))  # a restarted runner counts on
-        _METRICS.count("sandrun_runner_starts_total")
-        self.bpf = seccomp_build()
+        # First, while this process has read nothing of any job: every jail is a copy of the factory.
+        self.factory_pid, self.factory = factory_start(self.cgroups)
+        # The master made this file a page long: rewriting it in place needs no free space.
+        self.alive_fd = os.open(state_path("runner", "alive"), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        os.pwrite(self.alive_fd, f"{os.getpid():<15}\n".encode(), 0)
+        _METRICS = Metrics(state_path("runner", "metrics.json"))
+        _METRICS.set("sandrun_runner_starts_total", self.starts)  # the keeper counts starts, even unsaved ones
         self.cgroups.sweep()
+        self._beat()
         self._recover()
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
@@ -2059,32 +2460,45 @@ class Runner:
         log.info("event=runner_started cgroup_version=%d max_running=%d", self.cgroups.version, MAX_RUNNING)
         while not self.stopping:
             self._tick()
-            timeout = min([1.0] + [max(0.0, j.deadline - time.monotonic()) for j in self.jobs.values()])
+            collecting = any(job.collector is not None for job in self.jobs.values())
+            timeout = 0.0 if collecting else min([HEARTBEAT_S] + [max(0.0, j.deadline - time.monotonic()) for j in self.jobs.values()])
             if not self.spares and self._spare_wanted():
                 self._spare_build()  # none left: the next job would wait for a whole build
             spare_wanted = self._spare_wanted()
             events = self.selector.select(min(timeout, SPARE_IDLE_S) if spare_wanted else timeout)
-            if spare_wanted and not events:
+            if spare_wanted and not events and not collecting:
                 self._spare_build()  # idle: the build delays no job's start, end or answer
             for key, _ in events:
-                kind, job = key.data
-                if job is not None and self.jobs.get(job.id) is not job:
-                    continue  # ended earlier in this batch: its fds are closed already
-                if kind == "out":
-                    self._on_output(job, key.fd)
-                elif kind == "setup":
-                    self._on_setup(job)
-                elif kind == "exit":
-                    self._on_exit(job)
-                elif kind == "wake":
-                    self._drain(self.wake.fileno())
-                    self.next_scan = 0.0
-                else:
-                    self._drain(key.fd)
+                self._dispatch(key)
+            if collecting:
+                self._collect_slice()
         self._shutdown()
 
     def _on_stop(self, signum, frame):
         self.stopping = True
+
+    def _dispatch(self, key):
+        kind, job = key.data
+        if job is None:
+            self._drain(key.fd)
+            if kind == "wake":
+                self.next_scan = 0.0
+            return
+        if self.jobs.get(job.id) is not job:
+            return  # ended earlier in this batch: its fds are closed already
+        handler = {"out": self._on_output, "setup": self._on_setup, "exit": self._on_exit}[kind]
+        self._guard(job, kind, handler, job, key.fd)
+
+    def _guard(self, job, step, fn, *args):
+        """One step for one job: if it fails, that job ends with internal_error, and nothing else."""
+        try:
+            return fn(*args)
+        except FactoryError:
+            raise  # the runner's own machinery: end the runner, the keeper starts another
+        except Exception as exc:
+            log_failure("job_step_failed", exc, job=job.id, step=step)
+            self._abort(job)
+            return None
 
     @staticmethod
     def _drain(fd):
@@ -2108,57 +2522,145 @@ class Runner:
     def _tick(self):
         now = time.monotonic()
         for job in list(self.jobs.values()):
-            if now >= job.deadline and job.forced_reason is None:
-                self._kill(job, "timeout")
+            if now >= job.deadline and job.forced_reason is None and job.handle is not None and not job.handle.reaped:
+                self._guard(job, "timeout", self._kill, job, "timeout")
         if now >= self.next_scan:
             self.next_scan = now + SCAN_INTERVAL_S
-            self._deletions()
-            while len(self.jobs) < MAX_RUNNING and self._claim_and_start():
-                continue
+            self._quietly("deletions", self._deletions)
+            self._claim_while_room()
         wall = time.time()
-        for job_id, expires in list(self.expiry.items()):
-            if expires <= wall:
-                self._erase(job_id)
+        while self.expiry_heap and self.expiry_heap[0][0] <= wall:
+            expires, job_id = heapq.heappop(self.expiry_heap)
+            if self.expiry.get(job_id) == expires:
+                self._quietly("erase", self._erase, job_id)
         if now - self.charges_swept >= 60:
             self.charges_swept = now
-            charges = state_path("runner", "charges")
-            for name in os.listdir(charges):  # only the last minute counts
-                if os.stat(os.path.join(charges, name)).st_mtime < wall - 60:
-                    os.unlink(os.path.join(charges, name))
-        if now - self.heartbeat >= 1.0:
-            self.heartbeat = now
-            _write_atomic(state_path("runner", "alive"), str(os.getpid()))
+            self._quietly("charges_sweep", self._charges_sweep, wall)
+        if now - self.beaten >= HEARTBEAT_S:
+            self.beaten = now
+            for name in list(self.doomed):
+                try:
+                    if self.cgroups.remove(name):
+                        self.doomed.discard(name)
+                except OSError as exc:
+                    log_failure("cgroup_remove_failed", exc)
+                    self.doomed.discard(name)
+            for name, retry in list(self.unsaved.items()):
+                self.unsaved.pop(name)
+                retry()
+            _METRICS.flush()
+            self._beat()
+
+    def _beat(self):
+        """Tell the keeper, and /health, that this runner is not stuck; neither needs free space."""
+        os.utime(self.alive_fd)
+        with contextlib.suppress(BlockingIOError):  # the keeper reads behind: it has seen a beat already
+            os.write(self.heartbeat_fd, b".")
+
+    def _quietly(self, what, fn, *args):
+        """A step that belongs to no job (expiry, sweeps): on failure, log it and go on."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            log_failure("runner_step_failed", exc, step=what)
+            return False
+
+    def _save(self, name, write):
+        """A bookkeeping write; if the state tmpfs is full, it is tried again on the next tick."""
+        try:
+            write()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if name not in self.unsaved:
+                log.warning("event=state_full detail=%s_unsaved", name)
+            self.unsaved[name] = lambda: self._save(name, write)
 
     def _spare_wanted(self):
         """Fewer spares than SPARE_JAILS, no pause after a failed build, and no job between its claim
         and its execve (a build, a fork and then the kernel's namespace work, would compete with a start for the CPU)."""
         if len(self.spares) >= SPARE_JAILS or self.stopping or time.monotonic() < self.spare_retry:
             return False
-        return not any(not job.exec_done and job.setup_error is None and job.forced_reason is None for job in self.jobs.values())
+        return not any(j.handle is not None and not j.exec_done and j.setup_error is None and j.forced_reason is None
+                       for j in self.jobs.values())  # fmt: skip
 
     def _recover(self):
-        """Results of a runner that died: jobs it ran are failed; the rest expire as usual."""
-        jobs_dir = state_path("runner", "jobs")
-        for job_id in os.listdir(jobs_dir):
-            record = _read_json(os.path.join(jobs_dir, job_id, "status.json"))
-            if record is None:
-                shutil.rmtree(os.path.join(jobs_dir, job_id))
-                continue
-            if record["public"]["status"] == "running":
-                now = time.time()
-                record["public"].update(status="failed", reason="internal_error", finished_at=_utc(now), expires_at=_utc(now + RESULT_TTL_S))
-                record["expires_ts"] = now + RESULT_TTL_S
-                _write_json_atomic(os.path.join(jobs_dir, job_id, "status.json"), record)
-                log.info("job=%s state=failed reason=internal_error detail=runner_restarted", job_id)
-            self.expiry[job_id] = record["expires_ts"]
+        """Results of a runner that died: jobs it ran are failed; the rest expire as usual.
+
+        Nothing in the directory can stop a start: a record that is expired
+        (by its time stamp, before it is parsed), oversized, unreadable or
+        malformed is erased.
+        """
+        jobs_fd = os.open(state_path("runner", "jobs"), _DIR)
+        try:
+            for name in os.listdir(jobs_fd):
+                self._beat()
+                try:
+                    self._recover_one(jobs_fd, name)
+                except Exception as exc:
+                    log_failure("recover_failed", exc)
+                    self._quietly("recover_erase", tree_remove, jobs_fd, name)
+        finally:
+            os.close(jobs_fd)
         self._load()
+
+    def _recover_one(self, jobs_fd, name):
+        now = time.time()
+        path = state_path("runner", "jobs", name, "status.json")
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if not JOB_ID.match(name) or st is None or st.st_mtime + RESULT_TTL_S <= now or st.st_size > STATUS_RECORD_MAX_BYTES:
+            tree_remove(jobs_fd, name)
+            return
+        record = _read_json(path, STATUS_RECORD_MAX_BYTES)
+        state = record["public"]["status"]
+        status_public(record)  # a record its readers cannot turn into a document is malformed
+        if state == "running":
+            record["public"].update(status="failed", reason="internal_error", finished_at=_utc(now), expires_at=_utc(now + RESULT_TTL_S))
+            record["expires_ts"] = now + RESULT_TTL_S
+            _write_json_atomic(path, record)
+            log.info("job=%s state=failed reason=internal_error detail=runner_restarted", name)
+        elif state not in ("completed", "failed") or not isinstance(record["expires_ts"], (int, float)):
+            raise ValueError("not a record")
+        self._expire_at(name, record["expires_ts"])
+
+    def _expire_at(self, job_id, expires):
+        self.expiry[job_id] = expires
+        heapq.heappush(self.expiry_heap, (expires, job_id))
 
     def _load(self):
         """Publish how many jobs run, in all and per client (for the concurrency quota)."""
         clients = collections.Counter(job.client for job in self.jobs.values())
-        _write_json_atomic(state_path("runner", "load.json"), {"running": len(self.jobs), "clients": clients})
+        doc = {"running": len(self.jobs), "clients": clients}
+        self._save("load", lambda: _write_json_atomic(state_path("runner", "load.json"), doc))
 
     # 6.2 Claiming and starting
+
+    def _room_for_a_job(self):
+        """Whether the state tmpfs holds what one more job's results may take, after what the
+        running jobs may still write and the runner's own reserve. Else the job waits queued."""
+        vfs = os.statvfs(STATE_DIR)
+        promised = sum(max(0, JOB_RESULT_MAX_BYTES - job.state_bytes()) for job in self.jobs.values())
+        room = vfs.f_bavail * vfs.f_frsize >= RUNNER_RESERVE_BYTES + promised + JOB_RESULT_MAX_BYTES
+        if not room and not self.waiting_for_space:
+            log.warning("event=waiting_for_space running=%d", len(self.jobs))
+        self.waiting_for_space = not room
+        return room
+
+    def _claim_while_room(self):
+        while len(self.jobs) < MAX_RUNNING and self._room_for_a_job():
+            try:
+                job = self._claim()
+            except FactoryError:
+                raise
+            except Exception as exc:
+                log_failure("claim_failed", exc)
+                return
+            if job is None:
+                return
+            self._guard(job, "start", self._start, job)
 
     def _claim(self):
         """Take the oldest queued job (under the state lock), or None."""
@@ -2181,7 +2683,7 @@ class Runner:
                     return job
                 finally:
                     # Whatever it held, the entry goes: a poisoned one must not stall the queue.
-                    _remove_beneath(queue_fd, name)
+                    tree_remove(queue_fd, name)
             finally:
                 os.close(queue_fd)
 
@@ -2193,6 +2695,8 @@ class Runner:
         try:
             entry_fd = os.open(name, _DIR, dir_fd=queue_fd)
             request = _json_strict(_read_untrusted(entry_fd, "request.json", 2 * MANIFEST_MAX_BYTES), "request")
+            if not isinstance(request, dict):
+                raise ValueError("the request is not an object")
             manifest = manifest_parse(request.get("manifest"), code_form=False)
             if not _CLIENT_NAME.match(str(request.get("client"))) or not isinstance(request.get("created_ts"), float):
                 raise ValueError("malformed request fields")
@@ -2208,45 +2712,46 @@ class Runner:
             if entry_fd is not None:
                 os.close(entry_fd)
         os.mkdir(state_path("runner", "jobs", job_id), 0o755)
-        self._write_status(job, "running")
+        try:
+            self._write_record(job, "running")
+        except OSError:
+            os.rmdir(state_path("runner", "jobs", job_id))  # untracked, it must leave no trace either
+            if job.payload_fd is not None:
+                os.close(job.payload_fd)
+            raise
         return job
 
-    def _claim_and_start(self):
-        job = self._claim()
-        if job is None:
-            return False
+    def _start(self, job):
         if job.setup_error is not None:
-            self._finish(job, None)
-            return True
+            self._ended(job)
+            return
         for fd in (1, 2):
             path = state_path("runner", "jobs", job.id, "stdout" if fd == 1 else "stderr")
-            job.logs[fd] = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644), 0, False]
+            job.logs[fd] = JobLog(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644))
         try:
             job.handle = self._spare_take()
             jail_assign(job.handle, JailSpec(job.manifest, job.payload_fd), self.cgroups)
-        except (OSError, JailError) as exc:
+        except JailError as exc:
             job.setup_error = str(exc)
-            if job.handle is not None:  # a jail that could not take its job: end it and reap it
-                signal.pidfd_send_signal(job.handle.pidfd, signal.SIGKILL)
-                os.waitpid(job.handle.pid, 0)
-            self._finish(job, None)
-            return True
         finally:
             os.close(job.payload_fd)
+            job.payload_fd = None
+        if job.setup_error is not None:
+            self._ended(job)  # a jail that could not take its job is killed and reaped there
+            return
         h = job.handle
         self.selector.register(h.stdout_r, selectors.EVENT_READ, ("out", job))
         self.selector.register(h.stderr_r, selectors.EVENT_READ, ("out", job))
         self.selector.register(h.setup, selectors.EVENT_READ, ("setup", job))
         self.selector.register(h.pidfd, selectors.EVENT_READ, ("exit", job))
         log.info("job=%s state=running interpreter=%s memory_mb=%d timeout_s=%s", job.id, job.manifest["interpreter"], job.manifest["memory_mb"], job.manifest["timeout"])
-        return True
 
     # 6.3 Spare jails: the part of each jail that is the same for every job is
     # built before the job comes, while the runner waits or jobs run.
 
     def _spare_build(self):
         try:
-            self.spares.append(jail_build(self.cgroups, self.bpf))
+            self.spares.append(jail_build(self.factory, self.cgroups))
         except JailError as exc:
             log.error("event=jail_build_failed detail=%s", json.dumps(str(exc)))
             self.spare_retry = time.monotonic() + 1.0
@@ -2261,9 +2766,10 @@ class Runner:
                 message = handle.setup.recv(4096, socket.MSG_DONTWAIT)
             except OSError:
                 message = b""
-            log.error("event=spare_jail_died detail=%s", json.dumps(message[1:].decode(errors="replace") if message.startswith(b"E") else ""))
+            detail = message[1:].decode(errors="replace") if message.startswith(MSG_FAILED) else ""
+            log.error("event=spare_jail_died detail=%s", json.dumps(detail))
             jail_discard(handle, self.cgroups)
-        return jail_build(self.cgroups, self.bpf)
+        return jail_build(self.factory, self.cgroups)
 
     # 6.4 Supervision
 
@@ -2271,7 +2777,8 @@ class Runner:
         if job.forced_reason is None:
             job.forced_reason = reason
         # Killing pid 1 from outside its namespace takes every process of the job with it.
-        signal.pidfd_send_signal(job.handle.pidfd, signal.SIGKILL)
+        if job.handle is not None and not job.handle.reaped:
+            signal.pidfd_send_signal(job.handle.pidfd, signal.SIGKILL)
 
     def _on_output(self, job, fd):
         stream = 1 if fd == job.handle.stdout_r else 2
@@ -2285,46 +2792,40 @@ class Runner:
         self._log_append(job, stream, data)
 
     def _log_append(self, job, stream, data):
-        log_fd, kept, truncated = job.logs[stream]
-        room = OUTPUT_STREAM_MAX_BYTES - kept
+        log_ = job.logs[stream]
+        room = OUTPUT_STREAM_MAX_BYTES - log_.kept
         if len(data) > room:
-            data, job.logs[stream][2] = data[:room], True
-            if job.forced_reason is None:
-                self._kill(job, "output_limit")
+            data, log_.truncated = data[:room], True
+            self._kill(job, "output_limit")
         if data:
             try:
-                os.write(log_fd, data)
+                os.write(log_.fd, data)
             except OSError as exc:
-                if exc.errno != errno.ENOSPC:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
-                job.logs[stream][2] = True  # the state tmpfs is full: stop the job as if it hit its cap
+                log_.truncated = True  # the state tmpfs is full: stop the job as if it hit its cap
                 self._kill(job, "output_limit")
                 return
-            job.logs[stream][1] += len(data)
+            log_.kept += len(data)
 
-    def _on_setup(self, job):
+    def _on_setup(self, job, fd=None):
         self._setup_read(job)
 
     def _setup_read(self, job):
-        """One message from the jail's setup socket; False once nothing more is waiting.
-
-        "W" carries the /work fd, "E..." a failed step, "X" says the job was
-        started; EOF means the jail closed the socket or died (killed before
-        it read its job message, too: recv_fds).
-        """
+        """One message from the jail's setup socket (see the channel in 5.4); False once nothing more is waiting."""
         sock = job.handle.setup
         try:
             data, fds = recv_fds(sock, 4096, 1, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         for fd in fds:
-            if job.work_fd is None:
+            if job.work_fd is None and data == MSG_WORK:
                 job.work_fd = fd
             else:
                 os.close(fd)
-        if data.startswith(b"E"):
+        if data.startswith(MSG_FAILED):
             job.setup_error = data[1:].decode(errors="replace")
-        elif data == b"X":
+        elif data == MSG_STARTED:
             job.exec_done = job.setup_error is None
         elif not data:
             self.selector.unregister(sock)
@@ -2333,13 +2834,14 @@ class Runner:
             return False
         return True
 
-    def _on_exit(self, job):
+    def _on_exit(self, job, fd=None):
+        """The jail's pid 1 is gone, and with it every process of the job: read what is left, measure, collect."""
         h = job.handle
         _, init_status = os.waitpid(h.pid, 0)
-        status = jail_job_status(h, init_status)
+        h.reaped = True
+        job.wait_status = jail_job_status(h, init_status)
         self.selector.unregister(h.pidfd)
-        # pid 1 is gone, so is every process of the job: the pipes hold their last bytes.
-        for fd, stream in ((h.stdout_r, 1), (h.stderr_r, 2)):
+        for fd, stream in ((h.stdout_r, 1), (h.stderr_r, 2)):  # the pipes hold their last bytes
             while True:
                 try:
                     data = os.read(fd, READ_CHUNK_BYTES)
@@ -2350,109 +2852,204 @@ class Runner:
                 self._log_append(job, stream, data)
         while h.go_w is not None and self._setup_read(job):
             continue  # messages and EOF the loop has not seen yet
-        self._finish(job, status)
+        try:
+            job.cpu_s = self.cgroups.cpu_seconds(h.cgroup)
+            job.memory_peak = self.cgroups.memory_peak_bytes(h.cgroup)
+            job.oom_kills = self.cgroups.oom_kills(h.cgroup)
+        except (OSError, ValueError, KeyError):
+            job.setup_error = job.setup_error or "cgroup accounting unreadable"
+        self._release_jail(job)
+        if job.work_fd is not None and job.exec_done and not job.deleted and job.manifest["outputs"] != []:
+            files = state_path("runner", "jobs", job.id, "files")
+            os.mkdir(files, 0o755)
+            files_fd = os.open(files, _DIR)
+            job.collector = outputs_collect(job.work_fd, files_fd, job.manifest["outputs"], job.collected)
+            job.collect_deadline = time.monotonic() + OUTPUT_COLLECT_MAX_S
+        else:
+            self._ended(job)
+
+    def _collect_slice(self):
+        """Advance every output collection under way, for COLLECT_SLICE_S at most in all."""
+        until = time.monotonic() + COLLECT_SLICE_S
+        for job in [j for j in self.jobs.values() if j.collector is not None]:
+            self._guard(job, "collect", self._collect_some, job, until)
+
+    def _collect_some(self, job, until):
+        try:
+            while time.monotonic() < until:
+                next(job.collector)
+        except StopIteration:
+            self._ended(job)
+            return
+        if time.monotonic() >= job.collect_deadline:
+            log.warning("job=%s event=collection_cut detail=time_budget", job.id)
+            job.collected.truncated = True
+            self._ended(job)
 
     # 6.5 Results
 
-    def _finish(self, job, status):
-        """Classify the end, snapshot outputs, write the final status, release everything."""
+    def _ended(self, job):
+        """Record a job that ended (its jail gone, its outputs copied or given up), and let it go."""
+        if job.collector is not None:
+            job.collector.close()  # its copies so far stay, a partial one is removed
+            job.collector = None
+        state, reason, exit_code, signum = job_end(
+            job.wait_status, exec_done=job.exec_done, setup_error=job.setup_error, forced_reason=job.forced_reason,
+            oom_kills=job.oom_kills, cpu_s=job.cpu_s, timeout_s=job.manifest["timeout"] if job.manifest else 0)
+        if reason == "internal_error":
+            log.error("job=%s event=jail_failed detail=%s", job.id, json.dumps(job.setup_error or "jail died before execve"))
         finished = time.time()
         wall_ms = int((time.monotonic() - job.started) * 1000)
-        cpu = peak = None
-        oom = 0
-        if job.handle is not None:  # a malformed queue entry, or a failed build, has no jail
-            try:
-                cpu = self.cgroups.cpu_seconds(job.handle.cgroup)
-                peak = self.cgroups.memory_peak_bytes(job.handle.cgroup)
-                oom = self.cgroups.oom_kills(job.handle.cgroup)
-            except (OSError, ValueError, KeyError):
-                job.setup_error = job.setup_error or "cgroup accounting unreadable"
-        exit_code = signum = None
-        if status is not None:
-            if os.WIFSIGNALED(status):
-                signum = os.WTERMSIG(status)
-            elif os.WIFEXITED(status):
-                exit_code = os.WEXITSTATUS(status)
-        if job.setup_error is not None or (status is not None and not job.exec_done and job.forced_reason is None):
-            reason, exit_code, signum = "internal_error", None, None
-            log.error("job=%s event=jail_failed detail=%s", job.id, json.dumps(job.setup_error or "jail died before execve"))
-        elif job.forced_reason is not None:
-            reason = job.forced_reason
-        elif oom > 0:
-            reason = "memory_limit"
-        elif signum == signal.SIGXCPU or (signum == signal.SIGKILL and cpu is not None and cpu >= job.manifest["timeout"]):
-            reason = "cpu_limit"
-        elif signum is not None:
-            reason = "signal"
-        else:
-            reason = "exit_code"
-        state = "completed" if reason == "exit_code" and exit_code == 0 else "failed"
-
-        outputs = []
-        truncated_outputs = False
-        if job.work_fd is not None:
-            if job.exec_done and not job.deleted:
-                outputs, truncated_outputs = outputs_collect(job.work_fd, state_path("runner", "jobs", job.id, "files"), job.manifest["outputs"])
-            os.close(job.work_fd)
         meta = {
-            "cpu_seconds": round(cpu, 3) if cpu is not None else None, "memory_peak_bytes": peak,
+            "cpu_seconds": round(job.cpu_s, 3) if job.cpu_s is not None else None, "memory_peak_bytes": job.memory_peak,
             "wall_time_ms": wall_ms, "exit_code": exit_code,
             "interpreter": job.manifest["interpreter"] if job.manifest else None,
         }  # fmt: skip
         self._release(job)
-        self.next_scan = 0.0  # a slot is free: look at the queue now
-        if cpu:
-            self._charge(job.client, finished, cpu)
         if job.deleted:
             self._erase(job.id)
         else:
-            self._write_status(job, state, reason=reason, exit_code=exit_code, signum=signum, meta=meta,
-                               outputs=outputs, finished=finished, outputs_truncated=truncated_outputs)  # fmt: skip
-            self.expiry[job.id] = finished + RESULT_TTL_S
-        _METRICS.job_finished("deleted" if job.deleted else state, reason, wall_ms / 1000, cpu)
+            self._write_final(job, state, reason=reason, exit_code=exit_code, signum=signum, meta=meta, finished=finished)
+        if job.cpu_s:
+            self._charge(job.client, finished, job.cpu_s)
+        _METRICS.job_finished("deleted" if job.deleted else state, reason, wall_ms / 1000, job.cpu_s)
         log.info("job=%s state=%s reason=%s exit_code=%s signal=%s oom_kill=%d wall_ms=%d cpu_ms=%s outputs=%d",
-                 job.id, "deleted" if job.deleted else state, reason, exit_code, signum, oom, wall_ms,
-                 int(cpu * 1000) if cpu is not None else None, len(outputs))  # fmt: skip
-        if job.handle is not None:  # last: removing a cgroup takes milliseconds on v1, and the answer is out
-            self.cgroups.kill_and_remove(job.handle.cgroup)
+                 job.id, "deleted" if job.deleted else state, reason, exit_code, signum, job.oom_kills, wall_ms,
+                 int(job.cpu_s * 1000) if job.cpu_s is not None else None, len(job.collected.files))  # fmt: skip
+
+    def _abort(self, job):
+        """A step for this job failed: kill its jail, drop its results, record internal_error, let it go.
+        Each part is tried whatever the others do."""
+        job.setup_error = job.setup_error or "the runner failed at a step of this job"
+        job.forced_reason = None
+        collector = job.collector
+        parts = (
+            ("kill", lambda: self._kill(job, "killed")),
+            ("collection", lambda: collector is not None and collector.close()),
+            ("release", lambda: self._release(job)),
+            ("results", lambda: self._drop_results(job.id)),
+            ("record", lambda: None if job.deleted else self._write_final(job, "failed", reason="internal_error", finished=time.time())),
+        )  # fmt: skip
+        job.collector = None
+        for what, part in parts:
+            try:
+                part()
+            except Exception as exc:
+                log_failure("job_abort_step_failed", exc, job=job.id, step=what)
+        if job.deleted:
+            self._quietly("erase", self._erase, job.id)
+        self.jobs.pop(job.id, None)
+        log.info("job=%s state=failed reason=internal_error detail=runner_step_failed", job.id)
+
+    def _release_jail(self, job):
+        """Let go of a job's jail: its descriptors, and its cgroup once the kernel has emptied it."""
+        h = job.handle
+        if h is None or h.pidfd is None:
+            return  # none, or let go of already
+        for fileobj in (h.stdout_r, h.stderr_r, h.pidfd, h.setup):
+            key = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+            if key is not None and key >= 0 and key in self.selector.get_map():
+                self.selector.unregister(fileobj)
+        if not h.reaped:  # killed mid-step: it is a zombie at most a moment from now
+            signal.pidfd_send_signal(h.pidfd, signal.SIGKILL)
+            os.waitpid(h.pid, 0)
+            h.reaped = True
+        h.close()
+        self.cgroups.kill(h.cgroup)
+        if not self.cgroups.remove(h.cgroup):
+            self.doomed.add(h.cgroup)  # emptied by the kernel in a moment: removed on a later tick
 
     def _release(self, job):
-        """Forget a job that ended: its descriptors, and its place among those running."""
-        h = job.handle
-        if h is not None:
-            for fileobj in (h.stdout_r, h.stderr_r, h.pidfd, h.setup):
-                if self.selector.get_map().get(fileobj if isinstance(fileobj, int) else fileobj.fileno()):
-                    self.selector.unregister(fileobj)
-            h.close()
-        for log_fd, _, _ in job.logs.values():
-            os.close(log_fd)
+        """Forget a job that ended: its jail, its descriptors, and its place among those running."""
+        self._release_jail(job)
+        for log_ in job.logs.values():
+            if log_.fd is not None:
+                os.close(log_.fd)
+                log_.fd = None
+        for name in ("work_fd", "payload_fd"):
+            if getattr(job, name) is not None:
+                os.close(getattr(job, name))
+                setattr(job, name, None)
         self.jobs.pop(job.id, None)
+        self.next_scan = 0.0  # a slot is free: look at the queue now
         self._load()
 
-    def _write_status(self, job, state, reason=None, exit_code=None, signum=None, meta=None, outputs=(), finished=None, outputs_truncated=False):
+    def _record(self, job, state, reason=None, exit_code=None, signum=None, meta=None, finished=None):
         expires = finished + RESULT_TTL_S if finished is not None else None
         public = {
             "job_id": job.id, "status": state, "queue_position": None, "reason": reason,
             "exit_code": exit_code, "signal": signum, "execution_metadata": meta,
-            "output_files": {o["name"]: {"path": o["name"], "size_bytes": o["size"], "sha256_hash": o["sha256"], "type": "file"} for o in outputs},
             "created_at": _utc(job.created_ts), "started_at": _utc(job.started_ts),
             "finished_at": _utc(finished), "expires_at": _utc(expires),
         }  # fmt: skip
-        record = {
-            "public": public, "outputs": list(outputs), "outputs_truncated": outputs_truncated,
-            "stdout_truncated": bool(job.logs.get(1, [0, 0, False])[2]),
-            "stderr_truncated": bool(job.logs.get(2, [0, 0, False])[2]), "expires_ts": expires,
+        return {
+            "public": public, "outputs": job.collected.files, "outputs_truncated": job.collected.truncated,
+            "stdout_truncated": bool(job.logs.get(1) and job.logs[1].truncated),
+            "stderr_truncated": bool(job.logs.get(2) and job.logs[2].truncated), "expires_ts": expires,
         }  # fmt: skip
-        _write_json_atomic(state_path("runner", "jobs", job.id, "status.json"), record)
+
+    def _write_record(self, job, state, **fields):
+        """Write a job's record; OSError if the state tmpfs is full, ValueError if it is over its bound."""
+        text = json.dumps(self._record(job, state, **fields))
+        if len(text) > STATUS_RECORD_MAX_BYTES:
+            raise ValueError("status record over its bound")
+        _write_atomic(state_path("runner", "jobs", job.id, "status.json"), text)
+
+    def _write_final(self, job, state, **fields):
+        """The final record, whatever the space: without the outputs if need be, then without
+        anything but the failure; a job whose record cannot be kept at all is erased."""
+        for attempt in ("whole", "without outputs", "as a failure"):
+            try:
+                self._write_record(job, state, **fields)
+                self._expire_at(job.id, fields["finished"] + RESULT_TTL_S)
+                return
+            except (OSError, ValueError) as exc:
+                if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                log.warning("job=%s event=record_unsaved attempt=%s", job.id, attempt.replace(" ", "_"))
+            if attempt == "whole":
+                self._drop_outputs(job)
+            else:
+                self._drop_results(job.id)
+                state, fields = "failed", {"reason": "internal_error", "finished": fields["finished"]}
+        log.error("job=%s event=record_lost", job.id)
+        self._erase(job.id)
+
+    def _drop_outputs(self, job):
+        job.collected.files, job.collected.truncated = [], True
+        jobs_fd = os.open(state_path("runner", "jobs", job.id), _DIR)
+        try:
+            tree_remove(jobs_fd, "files")
+        finally:
+            os.close(jobs_fd)
+
+    def _drop_results(self, job_id):
+        """Remove a job's logs and outputs, keeping its directory and record."""
+        with contextlib.suppress(FileNotFoundError):
+            job_fd = os.open(state_path("runner", "jobs", job_id), _DIR)
+            try:
+                for name in ("stdout", "stderr", "files"):
+                    tree_remove(job_fd, name)
+            finally:
+                os.close(job_fd)
 
     def _charge(self, client, finished, cpu):
         path = state_path("runner", "charges", client)
-        lines = []
-        if os.path.exists(path):
-            with open(path) as f:
-                lines = [line for line in f.read().splitlines() if float(line.split()[0]) > finished - 60]
-        lines.append(f"{finished:.3f} {cpu:.3f}")
-        _write_atomic(path, "\n".join(lines) + "\n")
+
+        def write():
+            lines = []
+            with contextlib.suppress(FileNotFoundError):
+                with open(path) as f:
+                    lines = [line for line in f.read(1 * MiB).splitlines() if float(line.split()[0]) > time.time() - 60]
+            _write_atomic(path, "\n".join(lines + [f"{finished:.3f} {cpu:.3f}"]) + "\n")
+
+        self._save(f"charge_{client}_{finished}", write)
+
+    def _charges_sweep(self, wall):
+        charges = state_path("runner", "charges")
+        for name in os.listdir(charges):  # only the last minute counts
+            if os.stat(os.path.join(charges, name)).st_mtime < wall - 60:
+                os.unlink(os.path.join(charges, name))
 
     # 6.6 Deletion, expiry and shutdown
 
@@ -2460,85 +3057,149 @@ class Runner:
         """Carry out DELETEs. A tombstone stays until the job is erased, so the job never reappears."""
         deleted_fd = _open_beneath(["deleted"])
         try:
-            for name in os.listdir(deleted_fd):
-                job = self.jobs.get(name)
-                if job is None:
-                    self._erase(name) if JOB_ID.match(name) else _remove_beneath(deleted_fd, name)
-                elif job.handle is not None and not job.deleted:
-                    job.deleted = True
-                    self._kill(job, "killed")  # _finish erases it when the jail is gone
+            names = os.listdir(deleted_fd)
         finally:
             os.close(deleted_fd)
+        for name in names:
+            job = self.jobs.get(name)
+            if job is None:
+                self._quietly("erase", self._erase, name)
+            elif not job.deleted:
+                job.deleted = True
+                if job.collector is not None:
+                    self._guard(job, "delete", self._ended, job)  # _ended erases a deleted job
+                elif job.handle is not None:
+                    self._guard(job, "delete", self._kill, job, "killed")  # _ended erases it when the jail is gone
 
     def _erase(self, job_id):
+        """Erase a job's results and its tombstone; `job_id` may be any name a worker wrote."""
         self.expiry.pop(job_id, None)
-        path = state_path("runner", "jobs", job_id)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-            log.info("job=%s state=erased", job_id)
+        if JOB_ID.match(job_id):
+            jobs_fd = os.open(state_path("runner", "jobs"), _DIR)
+            try:
+                if os.path.lexists(state_path("runner", "jobs", job_id)):
+                    tree_remove(jobs_fd, job_id)
+                    log.info("job=%s state=erased", job_id)
+            finally:
+                os.close(jobs_fd)
         deleted_fd = _open_beneath(["deleted"])
         try:
-            if job_id in os.listdir(deleted_fd):
-                _remove_beneath(deleted_fd, job_id)
+            tree_remove(deleted_fd, job_id)
         finally:
             os.close(deleted_fd)
 
     def _shutdown(self):
         for job in list(self.jobs.values()):
-            self._kill(job, "killed")
-            os.waitpid(job.handle.pid, 0)
-            self._release(job)
-            self.cgroups.kill_and_remove(job.handle.cgroup)
+            self._guard(job, "shutdown", self._kill, job, "killed")
+            self._guard(job, "shutdown", self._release, job)
         while self.spares:
             jail_discard(self.spares.popleft(), self.cgroups)
+        for name in self.doomed:
+            self._quietly("cgroup_remove", self.cgroups.kill_and_remove, name)
+        self.factory.close()  # EOF: the factory leaves
+        os.waitpid(self.factory_pid, 0)
         log.info("event=runner_stopped")
 
 
-def outputs_collect(work_fd, dest, patterns):
-    """Copy the job's outputs out of its work dir; returns (files, truncated).
+class _WalkDir:
+    """One directory of the output walk: its fd, its path in /work, the names left to look
+    at (last first), and the fd of its copy once one is made."""
+
+    def __init__(self, fd, parts, names, dest=None):
+        self.fd, self.parts, self.names, self.dest = fd, parts, names, dest
+
+
+def outputs_collect(work_fd, files_fd, patterns, got):
+    """Copy the job's outputs out of its work dir into files_fd, a step at a time.
+
+    A generator: each next() does one small step (looks at one directory
+    entry, or copies one chunk of a file), so the runner interleaves it with
+    everything else; `got` (Collected) holds what was copied so far, whenever
+    it is stopped. It takes over files_fd.
 
     The work dir is hostile: it is walked through directory fds, nothing is
     followed, and only regular files with one link are copied (a hard link
-    could be another file's second name; a FIFO would block; a symlink
-    could point anywhere). Without 'outputs' globs, the files the job created
-    or changed (inputs were unpacked with mtime 0) are taken.
+    could be another file's second name; a FIFO would block; a symlink could
+    point anywhere). Copies are made relative to directory fds too, so no
+    path length matters. Without 'outputs' globs, the files the job created
+    or changed (inputs were unpacked with mtime 0) are taken. Past a cap
+    (entries looked at, depth, files, a name over PATH_MAX_BYTES, bytes of
+    names, bytes), or on an error
+    with one file, that file is left out and got.truncated is set.
     """
     match = output_matcher(patterns) if patterns is not None else None
-    files, state = [], {"bytes": 0, "truncated": False}
-    os.mkdir(dest, 0o755)
-
-    def walk(dir_fd, prefix, depth):
-        for entry in sorted(os.scandir(dir_fd), key=lambda e: e.name):
-            rel = prefix + entry.name
-            if _CONTROL_CHARS.search(rel) or not _utf8(rel):
+    stack = [_WalkDir(os.dup(work_fd), [], [], files_fd)]
+    try:
+        stack[0].names = _dir_names(stack[0].fd, got)
+        while stack:
+            top = stack[-1]
+            if not top.names:
+                stack.pop()
+                os.close(top.fd)
+                if top.dest is not None:
+                    os.close(top.dest)
+                continue
+            yield
+            name = top.names.pop()
+            parts = top.parts + [name]
+            rel = "/".join(parts)
+            if _CONTROL_CHARS.search(name) or not _utf8(name):
                 continue  # not nameable in JSON or a URL; documented
-            st = entry.stat(follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode) and depth < 64:
-                sub = os.open(entry.name, _DIR, dir_fd=dir_fd)
-                try:
-                    walk(sub, rel + "/", depth + 1)
-                finally:
-                    os.close(sub)
-            elif stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                wanted = match(rel) if match is not None else st.st_mtime != 0
-                if wanted and len(files) < UNPACKED_MEMBERS_MAX and not state["truncated"]:
-                    try:
-                        _output_copy(dir_fd, entry.name, st, dest, rel, files, state)
-                    except OSError as exc:
-                        if exc.errno != errno.ENOSPC:
-                            raise
-                        state["truncated"] = True  # the state tmpfs is full: keep what was copied
-                        _remove_partial(dest, rel)
+            try:
+                st = os.stat(name, dir_fd=top.fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    if len(parts) >= OUTPUT_DEPTH_MAX:
+                        got.truncated = True
+                        continue
+                    sub = _WalkDir(os.open(name, _DIR, dir_fd=top.fd), parts, [])
+                    stack.append(sub)
+                    sub.names = _dir_names(sub.fd, got)
+                    continue
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or not (match(rel) if match else st.st_mtime != 0):
+                    continue
+                size_name = len(rel.encode())
+                if (len(got.files) >= OUTPUT_FILES_MAX or size_name > PATH_MAX_BYTES or got.names_bytes + size_name > OUTPUT_NAMES_MAX_BYTES
+                        or got.bytes + st.st_size > JOB_WORKDIR_MAX_BYTES):  # fmt: skip
+                    got.truncated = True
+                    continue
+                copied = yield from _output_copy(top.fd, name, st, _dest_dir(stack), rel)
+            except OSError as exc:
+                got.truncated = True
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    return  # the state tmpfs is full: keep what was copied
+                continue  # this file or directory only
+            if copied is not None:
+                got.files.append(copied)
+                got.bytes += copied["size"]
+                got.names_bytes += size_name
+                got.state_bytes += _pages(copied["size"])
+    finally:
+        for walk in stack:
+            os.close(walk.fd)
+            if walk.dest is not None:
+                os.close(walk.dest)
 
-    if patterns != []:
-        walk(work_fd, "", 0)
-    return files, state["truncated"]
+
+def _dir_names(fd, got):
+    """The names in a directory, last first, within what is left of OUTPUT_ENTRIES_MAX."""
+    left = OUTPUT_ENTRIES_MAX - got.entries
+    with os.scandir(fd) as entries:
+        names = [entry.name for entry in itertools.islice(entries, left + 1)]
+    if len(names) > left:
+        got.truncated, names = True, names[:left]
+    got.entries += len(names)
+    return sorted(names, reverse=True)
 
 
-def _remove_partial(dest, rel):
-    path = os.path.join(dest, rel)
-    if os.path.lexists(path):
-        os.unlink(path)
+def _dest_dir(stack):
+    """The copy of the walk's current directory, made (and of its parents) when first needed."""
+    for depth, walk in enumerate(stack):
+        if walk.dest is None:
+            parent, name = stack[depth - 1].dest, walk.parts[-1]
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=parent)
+            walk.dest = os.open(name, _DIR, dir_fd=parent)
+    return stack[-1].dest
 
 
 def _utf8(name):
@@ -2549,30 +3210,32 @@ def _utf8(name):
     return True
 
 
-def _output_copy(dir_fd, name, st, dest, rel, files, state):
-    if state["bytes"] + st.st_size > JOB_WORKDIR_MAX_BYTES:
-        state["truncated"] = True
-        return
+def _output_copy(dir_fd, name, st, dest_fd, rel):
+    """Copy one file a chunk per step (a generator); its output entry, or None if it changed under us."""
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    with open(fd, "rb") as src:
+    with open(fd, "rb", buffering=0) as src:
         now = os.fstat(fd)
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode) or now.st_nlink != 1:
-            return  # swapped since the listing: not the file we looked at
-        target = os.path.join(dest, rel)
-        os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+            return None  # swapped since the listing: not the file we looked at
         digest, size = hashlib.sha256(), 0
-        out_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with open(out_fd, "wb") as out:
-            while size <= st.st_size:
-                chunk = src.read(1 * MiB)
-                if not chunk:
-                    break
-                digest.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-    state["bytes"] += size
+        out_fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dest_fd)
+        try:
+            with open(out_fd, "wb", buffering=0) as out:
+                while size < st.st_size:
+                    chunk = src.read(min(COPY_CHUNK_BYTES, st.st_size - size))
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[out.write(view):]
+                    size += len(chunk)
+                    yield
+        except BaseException:
+            os.unlink(name, dir_fd=dest_fd)  # a partial copy, or one stopped midway, is not an output
+            raise
     mime = mimetypes.guess_type(rel)[0] or "application/octet-stream"
-    files.append({"name": rel, "size": size, "sha256": digest.hexdigest(), "mime_type": mime})
+    return {"name": rel, "size": size, "sha256": digest.hexdigest(), "mime_type": mime}
 
 
 # 7. WSGI application ---------------------------------------------------------
@@ -3328,18 +3991,19 @@ def state_prepare():
     os.mkdir(state_path("http"), 0o700)
     for name in ("incoming", "queue", "clients", "deleted", "metrics", "tmp"):
         os.mkdir(state_path("http", name), 0o700)
-    open(state_path("http", "lock"), "x").close()
     _write_atomic(state_path("http", "seq"), "0", 0o600)
     for root, dirs, files in os.walk(state_path("http")):
         for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
             os.chown(name, user.pw_uid, user.pw_gid)
     for name in ("runner", "runner/jobs", "runner/charges", "runner/root"):
         os.mkdir(state_path(name), 0o755)
+    # A page taken now: the runner rewrites its pid here in place and touches it, which needs no space later.
+    _write_atomic(state_path("runner", "alive"), " " * 15 + "\n")
 
 
 def server_start():
     """Master, on start: check the host, prepare state and cgroups; HostError if it cannot serve."""
-    global _CLIENT_KEY, _CGROUPS
+    global _CGROUPS
     prctl.set_name("sandrun-master")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
@@ -3354,7 +4018,6 @@ def server_start():
     INTERPRETERS.update(interpreters_find())
     if not INTERPRETERS:
         raise HostError("no interpreter found under /usr")
-    _CLIENT_KEY = secrets.token_bytes(32)
     try:
         state_prepare()
         _CGROUPS = Cgroups()
@@ -3375,7 +4038,7 @@ def _host_probe():
             os.close(read_fd)
             prctl.set_child_subreaper(True)
             try:
-                host_check(_CGROUPS, seccomp_build())
+                host_check(_CGROUPS)
             except (HostError, OSError, RuntimeError) as exc:
                 where = traceback.extract_tb(exc.__traceback__)[-1]  # the operator's first clue on a new host
                 os.write(write_fd, f"{type(exc).__name__}: {exc} (in {where.name}, line {where.lineno})".encode()[:4000])
@@ -3415,8 +4078,10 @@ def _heap_settle():
 
 
 def runner_launch():
-    """Master: fork the keeper, which runs (and restarts) the runner."""
-    global _KEEPER
+    """Master: fork the keeper, which runs (and restarts) the runner; then make the key
+    for client addresses, so that the keeper, the runner, the factory and every jail,
+    all forked from the keeper, never hold it. The workers, forked after this, do."""
+    global _KEEPER, _CLIENT_KEY
     _heap_settle()  # the keeper, the runner, every jail and every worker start from here
     master = os.getpid()
     pid = os.fork()
@@ -3424,59 +4089,99 @@ def runner_launch():
         try:
             _process_reset()
             _keeper_main(master)
-        except Exception:
-            log.exception("event=keeper_failed")
+        except BaseException as exc:
+            log_failure("keeper_failed", exc)
         finally:
             os._exit(1)
     _KEEPER = (pid, os.pidfd_open(pid))
+    _CLIENT_KEY = secrets.token_bytes(32)
+
+
+#: After SIGTERM, how long the keeper lets the runner stop its jobs before it kills it.
+RUNNER_STOP_GRACE_S = 5
 
 
 def _keeper_main(master):
     prctl.set_name("sandrun-keeper")  # what ps and top show: each process says what it is
     prctl.set_pdeathsig(signal.SIGTERM)  # the master died: stop the runner, then go
-    # A dead runner's jails die with it (their death signal); as our orphans they are reaped here.
+    # A dead runner's jails and factory die with it (their death signals); as our orphans they are reaped here.
     prctl.set_child_subreaper(True)
     if os.getppid() != master:
         return
-    state = {"stopping": False, "runner": None}
-
-    def stop(signum, frame):
-        state["stopping"] = True
-        if state["runner"]:
-            os.kill(state["runner"], signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
+    stopping = []
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)  # a SIGTERM wakes the watch at once
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C reaches the master, which stops us
-    keeper = os.getpid()
-    while not state["stopping"]:
+    keeper, starts = os.getpid(), 0
+    while not stopping:
+        starts += 1
+        beat_r, beat_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             try:
-                _runner_main(keeper)
-            except Exception:
-                log.exception("event=runner_failed")
+                signal.set_wakeup_fd(-1)
+                for fd in (beat_r, wake_r, wake_w):
+                    os.close(fd)
+                _runner_main(keeper, beat_w, starts)
+            except BaseException as exc:
+                log_failure("runner_failed", exc)
             finally:
                 os._exit(1)
-        state["runner"] = pid
-        while True:
-            reaped, status = os.waitpid(-1, 0)
-            if reaped == pid:
-                break
-        state["runner"] = None
-        if not state["stopping"]:
+        os.close(beat_w)
+        status = _keeper_watch(pid, beat_r, wake_r, stopping)
+        os.close(beat_r)
+        if not stopping:
             log.error("event=runner_died status=%d restart_in_s=1", status)
             time.sleep(1)
     os._exit(0)
 
 
-def _runner_main(keeper):
+def _keeper_watch(pid, beat_r, wake_r, stopping):
+    """Keeper: watch one runner until it is gone, and return its wait status.
+
+    A runner that has not beaten for RUNNER_STALL_S is stuck (in C code no
+    signal handler interrupts, say) and is killed; one asked to stop gets
+    SIGTERM, then SIGKILL after RUNNER_STOP_GRACE_S. Orphaned jails and
+    factories of earlier runners are reaped on the way.
+    """
+    pidfd = os.pidfd_open(pid)
+    last_beat, asked_at, killed = time.monotonic(), None, False
+    try:
+        while True:
+            ready = select.select([pidfd, beat_r, wake_r], [], [], 1.0)[0]
+            now = time.monotonic()
+            if beat_r in ready:
+                Runner._drain(beat_r)
+                last_beat = now
+            if wake_r in ready:
+                Runner._drain(wake_r)
+            while True:
+                reaped, status = os.waitpid(-1, os.WNOHANG)
+                if reaped == pid:
+                    return status
+                if reaped == 0:
+                    break
+            if stopping and asked_at is None:
+                asked_at = now
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            elif not killed and (asked_at is not None and now - asked_at > RUNNER_STOP_GRACE_S or now - last_beat > RUNNER_STALL_S):
+                log.error("event=runner_killed detail=%s", "stop_timed_out" if asked_at is not None else "heartbeat_stale")
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                killed = True
+    finally:
+        os.close(pidfd)
+
+
+def _runner_main(keeper, beat_w, starts):
     prctl.set_name("sandrun-runner")
-    prctl.set_pdeathsig(signal.SIGTERM)
+    # SIGKILL, not SIGTERM: a runner stuck in C code would never run a handler, and must not outlive us.
+    prctl.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != keeper:
         return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    Runner(_CGROUPS).run()
+    Runner(_CGROUPS, beat_w, starts).run()
     os._exit(0)
 
 

@@ -251,9 +251,9 @@ def test_long_poll_outlasts_the_worker_timeout(server):
         assert "WORKER TIMEOUT" not in f.read()
 
 
-def test_each_process_names_its_role_and_only_three_keep_root(server):
-    """Master, keeper and runner are root; the workers are the HTTP user; a spare jail
-    (its own session, the runner's child) has dropped to the job's user before any job."""
+def test_each_process_names_its_role_and_only_four_keep_root(server):
+    """Master, keeper, runner and the runner's jail factory are root; the workers are the HTTP
+    user; a spare jail (its own session, the runner's child) has dropped to the job's user before any job."""
     import pwd
 
     def roles():
@@ -275,7 +275,7 @@ def test_each_process_names_its_role_and_only_three_keep_root(server):
         return found
 
     http_uid = pwd.getpwnam(sandrun.HTTP_USER).pw_uid
-    expected = {("sandrun-master", 0): 1, ("sandrun-keeper", 0): 1, ("sandrun-runner", 0): 1,
+    expected = {("sandrun-master", 0): 1, ("sandrun-keeper", 0): 1, ("sandrun-runner", 0): 1, ("sandrun-factory", 0): 1,
                 ("sandrun-jail", sandrun.JOB_UID): sandrun.SPARE_JAILS, ("sandrun-http", http_uid): sandrun.HTTP_WORKERS}  # spare jails, built ahead
     deadline = time.monotonic() + 10  # a worker that has not served yet may still be starting
     while (found := roles()) != expected and time.monotonic() < deadline:
