@@ -980,12 +980,22 @@ def _client_submits(key, now):
     return [t for t in doc.get("submits", []) if t > now - 3600]
 
 
+def _queued_request(seq, job_id):
+    """A queued job's request.json as a worker wrote it, or None if it is gone or not one
+    (the runner drops such an entry when it claims it)."""
+    try:
+        request = _read_json(state_path("http", "queue", f"{seq}.{job_id}", "request.json"))
+    except (OSError, ValueError):
+        return None
+    return request if isinstance(request, dict) else None
+
+
 def _client_active(key):
     """The client's queued jobs plus those the runner says it is running for it."""
     queued = 0
     for seq, job_id in queue_entries():
-        request = _read_json(state_path("http", "queue", f"{seq}.{job_id}", "request.json"))
-        queued += request is not None and request["client"] == key
+        request = _queued_request(seq, job_id)
+        queued += request is not None and request.get("client") == key
     load = _read_json(state_path("runner", "load.json")) or {}
     return queued + load.get("clients", {}).get(key, 0)
 
@@ -1123,10 +1133,10 @@ def job_lookup(job_id):
         return status_public(record), record
     for position, (seq, queued_id) in enumerate(queue_entries(), 1):
         if queued_id == job_id:
-            request = _read_json(state_path("http", "queue", f"{seq}.{job_id}", "request.json"))
+            request = _queued_request(seq, job_id)
             if request is None:
                 break  # claimed in between: the runner's record exists now
-            return _status_queued(job_id, request["created_ts"], position), None
+            return _status_queued(job_id, request.get("created_ts"), position), None
     record = _runner_status(job_id)
     return (status_public(record), record) if record is not None else None
 
@@ -1845,13 +1855,21 @@ def jail_job_status(handle, init_status):
 
 
 class _JailSteps:
-    """The jail step under way, so that a failure can name it to the runner."""
+    """The jail step under way, so that a failure can name it to the runner, which logs it.
+
+    From "wait for the job" on, an error's text can carry the job's data (an
+    archive member's name, say): only its type is told then.
+    """
 
     def __init__(self):
-        self.name = "start"
+        self.name, self.job_data = "start", False
 
     def __call__(self, name):
         self.name = name
+        self.job_data = self.job_data or name == "wait for the job"
+
+    def failure(self, exc):
+        return f"{self.name}: {type(exc).__name__ if self.job_data else exc}"[:4000]
 
 
 def jail_enter(cgroups, cgroup, bpf, ends):
@@ -1869,7 +1887,7 @@ def jail_enter(cgroups, cgroup, bpf, ends):
         jail_prepare(cgroups, cgroup, bpf, ends, step)
         job_pid, stdin_fd = jail_run(ends, step)
     except BaseException as exc:
-        ends.setup.send(MSG_FAILED + f"{step.name}: {exc}"[:4000].encode(errors="replace"))
+        ends.setup.send(MSG_FAILED + step.failure(exc).encode(errors="replace"))
         os._exit(EXIT_JAIL_FAILED)
     try:
         jail_init(job_pid, ends, stdin_fd)
