@@ -143,7 +143,8 @@ class DirectJail:
 
     def __init__(self, sandrun, meter):
         self.sandrun, self.meter = sandrun, meter
-        self.bpf = sandrun.seccomp_build()  # once, as the runner does
+        # As the runner does: jails come from a factory forked before any job (they are our children).
+        self.factory_pid, self.factory = sandrun.factory_start(sandrun._CGROUPS)
         manifest = sandrun.manifest_parse({"entrypoint": "main.sh", "interpreter": "sh"}, code_form=False)
         payload = io.BytesIO()
         writer = sandrun.PayloadWriter(payload)
@@ -156,14 +157,14 @@ class DirectJail:
 
     def _build(self):
         if len(self.spares) < self.sandrun.SPARE_JAILS:
-            self.spares.append(self.sandrun.jail_build(self.sandrun._CGROUPS, self.bpf))
+            self.spares.append(self.sandrun.jail_build(self.factory, self.sandrun._CGROUPS))
 
     def run(self, argv):
         sr = self.sandrun
         payload_fd = os.memfd_create("payload")
         os.write(payload_fd, self.payload)
         os.lseek(payload_fd, 0, os.SEEK_SET)
-        handle = self.spares.popleft() if self.spares else sr.jail_build(sr._CGROUPS, self.bpf)
+        handle = self.spares.popleft() if self.spares else sr.jail_build(self.factory, sr._CGROUPS)
         try:
             spec = sr.JailSpec(self.manifest, payload_fd)
             spec.argv = list(argv)
@@ -172,7 +173,7 @@ class DirectJail:
                 data, fds = sr.recv_fds(handle.setup, 4096, 1)
                 for fd in fds:
                     os.close(fd)  # /work: the runner reads outputs from it; nothing to read here
-                if data == b"X" or not data or data.startswith(b"E"):
+                if data == sr.MSG_STARTED or not data or data.startswith(sr.MSG_FAILED):
                     error = data
                     break
             if not self.spares or not select.select([handle.pidfd], [], [], sr.SPARE_IDLE_S)[0]:  # none left, or idle
@@ -199,6 +200,8 @@ class DirectJail:
     def close(self):
         while self.spares:
             self.sandrun.jail_discard(self.spares.popleft(), self.sandrun._CGROUPS)
+        self.factory.close()
+        os.waitpid(self.factory_pid, 0)
 
 
 def part1(sandrun):
