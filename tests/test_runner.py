@@ -420,3 +420,63 @@ def test_a_job_sees_nothing_of_the_host_in_its_init(server):
             "except OSError as e:\n    print('environ', e.errno)")
     doc, logs = server.run(code)
     assert logs["stdout"] == "b'sandrun-jail\\x00'\nenviron 13\n", logs
+
+
+# Containment when the runner's own step for a job fails ------------------------------
+
+
+def test_a_failed_step_ends_only_its_job(server):
+    """A real fault from outside (the job's results directory removed under the runner):
+    the runner's step for that job fails, the job ends, the runner and every other job go on."""
+    import shutil
+
+    runner = server.runner_pid()
+    bystander = Bystander(server)
+    job_id = server.start_sleeper(2)
+    shutil.rmtree(os.path.join(server.state_dir, "runner", "jobs", job_id))
+    deadline = time.monotonic() + 30
+    while server.json("GET", f"/status/{job_id}")[0] != 404:
+        assert time.monotonic() < deadline, "the job never ended"
+        time.sleep(0.2)
+    bystander.check()
+    _runner_unchanged(server, runner)
+    with open(server.log_path) as f:
+        log = f.read()
+    assert f"event=job_step_failed job={job_id}" in log, log[-3000:]
+
+
+# Nothing outlives the master ---------------------------------------------------------
+
+
+def test_nothing_outlives_a_killed_master_even_a_stuck_runner():
+    import shutil
+    import subprocess
+
+    from conftest import leftovers
+
+    srv = Server(SUITE_ENV, "orphans").start()
+    job_id = srv.start_sleeper(60)
+    runner = srv.runner_pid()
+    ours = set(descendants(srv.proc.pid))
+    assert len(ours) >= 6, ours  # workers, keeper, runner, factory, spares and the job's jail
+    os.kill(runner, signal.SIGSTOP)  # stuck: it runs no handler
+    os.kill(srv.proc.pid, signal.SIGKILL)
+    srv.proc.wait()
+    deadline = time.monotonic() + 15  # the keeper's grace for a runner that ignores SIGTERM, and a margin
+    while (alive := [p for p in ours if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split(") ")[1][0] != "Z"]):
+        assert time.monotonic() < deadline, f"outlived the master: {alive} ({job_id})"
+        time.sleep(0.2)
+    # The master could not clean up: do what its exit would have done, then check nothing else is left.
+    subprocess.run(["umount", "-l", srv.state_dir], check=True)
+    for top in (p for p in leftovers(srv) if p.startswith("/sys/fs/cgroup")):
+        for path in [os.path.join(top, d) for d in next(os.walk(top))[1]] + [top]:  # job cgroups, then the server's
+            for _ in range(100):  # the killed jails' cgroups empty in a moment
+                try:
+                    os.rmdir(path)
+                    break
+                except OSError:
+                    time.sleep(0.05)
+    srv.log.close()
+    # Zombies are left to whoever adopted them (this machine's pid 1); they hold nothing.
+    assert [p for p in leftovers(srv) if not p.startswith("state entries") and not p.endswith("state=Z")] == []
+    shutil.rmtree(srv.workdir)
