@@ -1275,6 +1275,8 @@ def _proc_status():
 #: Validated with python3, node (worker_threads), bash pipelines and coreutils;
 #: started from the list a spike traced with strace on Debian 12 (research/spike.md).
 #: Left off on purpose: sync (flushes every filesystem of the host: an I/O lever).
+#: Denied below: syncfs (the same lever, one filesystem at a time) and inotify (on the
+#: shared /usr it shows which files other tenants' jobs open; no interpreter needs it).
 SECCOMP_ALLOW = sorted("""
     accept accept4 access alarm arch_prctl bind brk capget chdir chmod chown clock_getres clock_gettime
     clock_nanosleep close close_range connect copy_file_range dup dup2 dup3 epoll_create epoll_create1
@@ -1283,9 +1285,8 @@ SECCOMP_ALLOW = sorted("""
     fgetxattr flistxattr flock fork fstat fstatfs fsync ftruncate futex futex_waitv futimesat get_mempolicy
     get_robust_list getcpu getcwd getdents getdents64 getegid geteuid getgid getgroups getitimer
     getpeername getpgid getpgrp getpid getppid getpriority getrandom getresgid getresuid getrlimit
-    getrusage getsid getsockname getsockopt gettid gettimeofday getuid getxattr inotify_add_watch
-    inotify_init inotify_init1 inotify_rm_watch kill lchown lgetxattr link linkat listen
-    listxattr llistxattr lseek lstat madvise mbind membarrier memfd_create mincore mkdir mkdirat mknod mknodat
+    getrusage getsid getsockname getsockopt gettid gettimeofday getuid getxattr kill lchown lgetxattr
+    link linkat listen listxattr llistxattr lseek lstat madvise mbind membarrier memfd_create mincore mkdir mkdirat mknod mknodat
     mlock mlock2 mmap mprotect mremap msgctl msgget msgrcv msgsnd msync munlock munmap nanosleep newfstatat
     open openat openat2 pause pidfd_open pidfd_send_signal pipe pipe2 pkey_alloc pkey_free pkey_mprotect
     poll ppoll prctl pread64 preadv preadv2 prlimit64 pselect6 pwrite64 pwritev pwritev2 read readahead
@@ -1296,7 +1297,7 @@ SECCOMP_ALLOW = sorted("""
     semop semtimedop sendfile sendmmsg sendmsg sendto set_mempolicy set_robust_list set_tid_address
     setitimer setpgid setpriority setrlimit setsid setsockopt shmat shmctl shmdt shmget shutdown
     sigaltstack signalfd signalfd4 splice stat statfs statx symlink symlinkat sync_file_range
-    syncfs sysinfo tee tgkill time timer_create timer_delete timer_getoverrun timer_gettime
+    sysinfo tee tgkill time timer_create timer_delete timer_getoverrun timer_gettime
     timer_settime timerfd_create timerfd_gettime timerfd_settime times tkill truncate umask uname
     unlink unlinkat utime utimensat utimes vfork wait4 waitid write writev
 """.split())  # fmt: skip
@@ -1324,6 +1325,9 @@ SECCOMP_DENY = {
     "setreuid": "identity is fixed", "setregid": "identity is fixed", "setresuid": "identity is fixed",
     "setresgid": "identity is fixed", "setgroups": "identity is fixed", "setfsuid": "identity is fixed",
     "setfsgid": "identity is fixed", "capset": "capabilities are gone for good",
+    "syncfs": "flushes a host filesystem: an I/O lever, as sync",
+    "inotify_init": "watches the shared /usr: which files other jobs open", "inotify_init1": "watches the shared /usr",
+    "inotify_add_watch": "watches the shared /usr", "inotify_rm_watch": "watches the shared /usr",
 }  # fmt: skip
 #: socket() and socketpair() families allowed; the job's netns holds only its own loopback.
 #: AF_VSOCK, AF_PACKET and AF_NETLINK are not (fully) namespaced, so they get EAFNOSUPPORT.

@@ -100,6 +100,10 @@ rows = {
     "clone3": lambda: sys_(435, 0, 0),
     "kcmp": lambda: sys_(312, 0, 0, 0, 0, 0),
     "sync": lambda: sys_(162),
+    # denied (EPERM): syncfs is sync's lever too; inotify would watch which files of the shared /usr others open
+    "syncfs": lambda: sys_(306, os.open("/work", os.O_RDONLY)),
+    "inotify_init1": lambda: sys_(294, 0),
+    "inotify_add_watch": lambda: sys_(254, 0, b"/usr", 1),
     # the filesystem
     "read_shadow": lambda: attempt(lambda: open("/etc/shadow").close()),
     "read_host_root_home": lambda: attempt(lambda: os.listdir("/root")),
