@@ -274,21 +274,55 @@ class JailError(Exception):
 _CLIENT_KEY = b""  # HMAC key for client addresses; made in the master once the keeper is forked (runner_launch)
 
 
+def _trusted_proxies(spec):
+    """SANDRUN_FORWARDED_ALLOW_IPS as gunicorn reads it: '*' (None: every peer), or addresses and networks."""
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    if "*" in items:
+        return None
+    try:
+        return [ipaddress.ip_network(item, strict=False) for item in items]
+    except ValueError:
+        raise SettingsError(f"SANDRUN_FORWARDED_ALLOW_IPS={spec!r} is not a list of addresses and networks, or '*'") from None
+
+
+TRUSTED_PROXIES = _trusted_proxies(FORWARDED_ALLOW_IPS)
+
+
+def _hop_address(hop):
+    """An X-Forwarded-For hop as an address ('[v6]:port', 'v4:port' and brackets stripped), or None."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        hop = hop[1 : hop.find("]")] if "]" in hop else ""
+    elif hop.count(":") == 1:
+        hop = hop.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(hop)
+    except ValueError:
+        return None
+    return address.ipv4_mapped or address if address.version == 6 else address
+
+
+def _trusted(address):
+    if address is None:
+        return False  # not an address: never a proxy of ours
+    return TRUSTED_PROXIES is None or any(address in net for net in TRUSTED_PROXIES if net.version == address.version)
+
+
 def client_address(environ):
     """The client's address: the peer, or X-Forwarded-For's nearest untrusted hop.
 
     A peer on a UNIX-socket bind has no address (REMOTE_ADDR is empty) and is
     always trusted, as gunicorn trusts it: it is the local reverse proxy, and
-    the socket's file mode decides who else may connect.
+    the socket's file mode decides who else may connect. A hop that is not an
+    address is the client too, and all such clients share one name.
     """
     peer = environ.get("REMOTE_ADDR") or ""
-    trusted = {p.strip() for p in FORWARDED_ALLOW_IPS.split(",") if p.strip()} | {""}
-    if peer not in trusted:
+    if peer and not _trusted(_hop_address(peer)):
         return peer
-    hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
-    for hop in reversed(hops):
-        if hop not in trusted:
-            return hop
+    for hop in reversed([h for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]):
+        address = _hop_address(hop)
+        if not _trusted(address):
+            return str(address) if address is not None else "unknown"
     return peer
 
 

@@ -3,6 +3,8 @@
 import json
 import time
 
+import pytest
+
 SLEEP = "import time; time.sleep(20)"
 
 
@@ -132,3 +134,39 @@ def test_a_unix_socket_peer_is_the_trusted_proxy():
         assert srv.json("GET", "/stats")[2]["your_quota"]["jobs_this_hour"] == 0  # no header: not the client's bucket
     finally:
         srv.stop()
+
+
+def test_trusted_proxies_are_networks_and_hops_are_addresses():
+    """As gunicorn reads SANDRUN_FORWARDED_ALLOW_IPS: a network trusts every proxy in it; a hop
+    with a port or in brackets is its address; a hop that is not an address is an untrusted client."""
+    from conftest import Server
+
+    srv = Server({"SANDRUN_FORWARDED_ALLOW_IPS": "127.0.0.0/29, ::1"}, "proxies").start()
+    try:
+        def used(source, hops):
+            return srv.json("GET", "/stats", source=source, headers={"X-Forwarded-For": hops})[2]["your_quota"]["jobs_this_hour"]
+
+        status, _, _ = srv.json("POST", "/submit?wait=30", {"code": "pass", "interpreter": "python3"}, "127.0.0.5",
+                                headers={"X-Forwarded-For": "198.51.100.7"})
+        assert status == 200
+        assert used("127.0.0.3", "198.51.100.7") == 1  # another proxy of the same network: the same client
+        assert used("127.0.0.3", "198.51.100.7:40000") == 1  # a port is not part of the client
+        assert used("127.0.0.3", "198.51.100.7, 127.0.0.2") == 1  # a trusted proxy's own hop is skipped
+        assert used("127.0.0.3", "198.51.100.8") == 0  # another client has its own quota
+        assert used("127.0.0.9", "198.51.100.7") == 0  # outside the network: the header is not believed
+        srv.json("POST", "/submit?wait=30", {"code": "pass", "interpreter": "python3"}, "127.0.0.5",
+                 headers={"X-Forwarded-For": "[2001:db8::1]:443"})
+        assert used("127.0.0.3", "2001:db8::2") == 1  # the same /64, brackets and port stripped
+        srv.json("POST", "/submit?wait=30", {"code": "pass", "interpreter": "python3"}, "127.0.0.5",
+                 headers={"X-Forwarded-For": "not-an-address"})
+        assert used("127.0.0.3", "junk, 127.0.0.4") == 1  # every hop that is not an address: one client
+    finally:
+        srv.stop()
+
+
+def test_a_bad_proxy_list_stops_the_server():
+    from conftest import Server
+
+    srv = Server({"SANDRUN_FORWARDED_ALLOW_IPS": "10.0.0.0/33"}, "badproxies")
+    with pytest.raises(AssertionError, match="FORWARDED_ALLOW_IPS"):
+        srv.start()
