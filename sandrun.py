@@ -54,6 +54,8 @@ import collections
 import contextlib
 import ctypes
 import ctypes.util
+import email.message
+import email.utils
 import errno
 import fcntl
 import gc
@@ -197,8 +199,12 @@ MANIFEST_MAX_BYTES = 2 * MiB
 UNPACKED_MAX_BYTES = _env_int("UNPACKED_MAX_BYTES", 100 * MiB, 1 * MiB, 16 * GiB)
 #: Files, directories and links an upload may unpack to.
 UNPACKED_MEMBERS_MAX = _env_int("UNPACKED_MEMBERS_MAX", 10_000, 1, 1_000_000)
-#: Longest relative path in an upload, in UTF-8 bytes (a component: 255).
+#: Longest relative path in an upload, in UTF-8 bytes (a component: 255); link targets too.
 PATH_MAX_BYTES = 1024
+#: Steps the resolution of an upload's symlinks may take (each link is resolved once).
+LINK_STEPS_MAX = 1_000_000
+#: Largest PAX extended header in an uploaded tar (where long names and link targets live).
+TAR_PAX_MAX_BYTES = 64 * KiB
 #: How long results are kept after a job ends.
 RESULT_TTL_S = _env_int("RESULT_TTL_S", 600, 1, 86_400)
 #: Per client address (IPv6 by /64): queued plus running jobs.
@@ -538,9 +544,11 @@ def relpath_check(name, what):
     dropped; absolute paths, '..', control characters and overlong names are
     refused, never rewritten.
     """
-    shown = json.dumps(name)[:300]
     if not isinstance(name, str) or not name:
         raise http_error(400, "unsafe path", f"{what}: empty name")
+    shown = json.dumps(name[:200]) + ("..." if len(name) > 200 else "")  # a name may be megabytes: show its start
+    if len(name) > PATH_MAX_BYTES * 2:  # before any work proportional to it (a dot and a slash per component at most)
+        raise http_error(400, "unsafe path", f"{what} {shown}: longer than {PATH_MAX_BYTES} bytes")
     if _CONTROL_CHARS.search(name):
         raise http_error(400, "unsafe path", f"{what} {shown}: control characters are not allowed")
     if name.startswith("/"):
@@ -578,6 +586,10 @@ class _CappedReader(io.RawIOBase):
         return len(data)
 
 
+#: What the payload tar adds per member, at most: its header, a PAX header for a long name or link, padding.
+PAYLOAD_MEMBER_BYTES = 3 * KiB
+
+
 class PayloadWriter:
     """Collects checked upload members into the job's plain payload tar.
 
@@ -589,7 +601,9 @@ class PayloadWriter:
     def __init__(self, fileobj):
         self.tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT)
         self.kinds = {}  # path -> "dir" | "file" | "symlink" | "hardlink"
-        self.symlinks = {}
+        self.symlinks = {}  # path -> target, as uploaded
+        self.resolved = {}  # path -> components it leads to, or None: each link is resolved once
+        self.steps = 0  # of link resolution, against LINK_STEPS_MAX
         self.bytes = 0
         self.members = 0
 
@@ -644,7 +658,7 @@ class PayloadWriter:
 
     def add_symlink(self, name, target, what):
         path = self._claim(name, "symlink", what)
-        if not target or "\0" in target or target.startswith("/"):
+        if not target or "\0" in target or target.startswith("/") or len(target) > PATH_MAX_BYTES:
             raise http_error(400, "unsafe link", f"{what} {json.dumps(path)}: link target must be a relative path inside the job")
         self.symlinks[path] = target
         self._add(tarfile.SYMTYPE, path, mode=0o777, linkname=target)
@@ -656,10 +670,18 @@ class PayloadWriter:
             raise http_error(400, "unsafe link", f"{what} {json.dumps(path)}: hard link to something that is not an earlier file")
         self._add(tarfile.LNKTYPE, path, linkname=target)
 
-    def _resolve(self, parts, hops):
-        """Resolve path components through the upload's own symlinks; None if it leaves the tree."""
+    def _resolve(self, parts, depth=0):
+        """Resolve path components through the upload's own symlinks; None if it leaves the tree.
+
+        Each link is resolved once (its result is kept: where a link leads
+        depends only on where it is), every step is paid from the upload's
+        budget, and a chain deeper than 40 links (the kernel's limit) leaves.
+        """
         out = []
         for part in parts:
+            self.steps += 1
+            if self.steps > LINK_STEPS_MAX:
+                raise http_error(400, "unsafe link", f"the upload's symlinks take more than {LINK_STEPS_MAX} steps to resolve")
             if part in ("", "."):
                 continue
             if part == "..":
@@ -668,20 +690,22 @@ class PayloadWriter:
                 out.pop()
                 continue
             out.append(part)
-            target = self.symlinks.get("/".join(out))
-            if target is not None:
-                if hops > 40:
+            key = "/".join(out)
+            if key in self.symlinks:
+                if key not in self.resolved:
+                    self.resolved[key] = None  # a loop through this link leaves the tree
+                    if depth < 40:
+                        self.resolved[key] = self._resolve(out[:-1] + self.symlinks[key].split("/"), depth + 1)
+                if self.resolved[key] is None:
                     return None
-                out = self._resolve(out[:-1] + target.split("/"), hops + 1)
-                if out is None:
-                    return None
+                out = list(self.resolved[key])
         return out
 
     def finish(self, entrypoint):
-        for path, target in self.symlinks.items():
-            if self._resolve(path.split("/")[:-1] + target.split("/"), 0) is None:
-                raise http_error(400, "unsafe link", f"symlink {json.dumps(path)} points outside the job directory")
-        resolved = self._resolve(entrypoint.split("/"), 0)
+        for path in self.symlinks:
+            if self._resolve(path.split("/")) is None:
+                raise http_error(400, "unsafe link", f"symlink {json.dumps(path[:200])} points outside the job directory")
+        resolved = self._resolve(entrypoint.split("/"))
         if resolved is None or self.kinds.get("/".join(resolved)) not in ("file", "hardlink"):
             raise http_error(400, "invalid manifest", f"entrypoint {json.dumps(entrypoint)} is not an uploaded file")
         self.tar.close()
@@ -717,7 +741,7 @@ def _decompressor(codec, fileobj):
 def upload_add_part(writer, filename, fileobj):
     """Add one multipart 'files' part: unpack an archive, or store the part as one file."""
     kind = _archive_kind(fileobj)
-    what = f"upload {json.dumps(filename)[:300]}"
+    what = f"upload {json.dumps(filename[:200])}"
     try:
         if kind == "zip":
             _unpack_zip(writer, fileobj, what)
@@ -735,9 +759,30 @@ def upload_add_part(writer, filename, fileobj):
         raise http_error(400, "invalid archive", f"{what}: {type(exc).__name__}: {exc}"[:500]) from None
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's member header, refusing what would cost more than its cap before tarfile
+    reads it: a GNU long name or link (tarfile reads it whole, then splits it), a PAX
+    header past TAR_PAX_MAX_BYTES, and sparse members (their maps)."""
+
+    def _proc_member(self, tar):
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK) and self.size > PATH_MAX_BYTES * 2:
+            raise http_error(400, "unsafe member", f"a GNU long name or link of {self.size} bytes; at most {PATH_MAX_BYTES}")
+        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) and self.size > TAR_PAX_MAX_BYTES:
+            raise http_error(413, "upload too large", f"a PAX header of {self.size} bytes; at most {TAR_PAX_MAX_BYTES}")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise http_error(400, "unsafe member", "sparse members are not supported")
+        return super()._proc_member(tar)
+
+    def _proc_sparse_refused(self, *args):
+        raise http_error(400, "unsafe member", "sparse members are not supported")
+
+    _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_sparse_refused
+
+
 def _unpack_tar(writer, stream, what):
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
+    with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo) as tar:
+        while (member := tar.next()) is not None:
+            tar.members.clear()  # tarfile keeps every header it reads: a stream of them must not pile up
             label = f"{what} member"
             if member.isdir():
                 writer.add_dir(member.name, label)
@@ -748,32 +793,166 @@ def _unpack_tar(writer, stream, what):
             elif member.islnk():
                 writer.add_hardlink(member.name, member.linkname, label)
             elif member.ischr() or member.isblk() or member.isfifo():
-                raise http_error(400, "unsafe member", f"{label} {json.dumps(member.name)[:300]}: devices and FIFOs are not allowed")
+                raise http_error(400, "unsafe member", f"{label} {json.dumps(member.name[:200])}: devices and FIFOs are not allowed")
             else:
-                raise http_error(400, "unsafe member", f"{label} {json.dumps(member.name)[:300]}: unsupported member type")
+                raise http_error(400, "unsafe member", f"{label} {json.dumps(member.name[:200])}: unsupported member type")
+
+
+#: Bytes of central directory a zip may have per member: the fixed header, a name of
+#: PATH_MAX_BYTES, and extra fields.
+_ZIP_CD_BYTES_PER_MEMBER = 46 + PATH_MAX_BYTES + 256
+
+
+def _zip_check_directory(fileobj, what):
+    """Count a zip's members before zipfile parses them: from the end-of-central-directory
+    record (ZIP64 too), cap the central directory's size, then walk its fixed headers."""
+    size = fileobj.seek(0, io.SEEK_END)
+    tail_at = max(0, size - (22 + 0xFFFF + 20))
+    fileobj.seek(tail_at)
+    tail = fileobj.read()
+    eocd = tail.rfind(b"PK\x05\x06")
+    if eocd < 0 or len(tail) - eocd < 22:
+        raise http_error(400, "invalid archive", f"{what}: no end of central directory")
+    cd_size = struct.unpack_from("<I", tail, eocd + 12)[0]
+    cd_end = tail_at + eocd
+    locator = eocd - 20
+    if locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":  # ZIP64: the real sizes are in its own record
+        cd_end = tail_at + locator - 56  # the record sits right before its locator, as zipfile reads it
+        fileobj.seek(max(0, cd_end))
+        record = fileobj.read(56)
+        if len(record) < 56 or record[:4] != b"PK\x06\x06":
+            raise http_error(400, "invalid archive", f"{what}: a broken ZIP64 end record")
+        cd_size = struct.unpack_from("<Q", record, 40)[0]
+    if cd_size > UNPACKED_MEMBERS_MAX * _ZIP_CD_BYTES_PER_MEMBER:
+        raise http_error(413, "upload too large", f"{what} has more than {UNPACKED_MEMBERS_MAX} members")
+    fileobj.seek(max(0, cd_end - cd_size))
+    directory = fileobj.read(cd_size)
+    at = members = 0
+    while at + 46 <= len(directory) and directory[at : at + 4] == b"PK\x01\x02":
+        members += 1
+        if members > UNPACKED_MEMBERS_MAX:
+            raise http_error(413, "upload too large", f"{what} has more than {UNPACKED_MEMBERS_MAX} members")
+        names, extra, comment = struct.unpack_from("<HHH", directory, at + 28)
+        at += 46 + names + extra + comment
+    fileobj.seek(0)
 
 
 def _unpack_zip(writer, fileobj, what):
+    _zip_check_directory(fileobj, what)
     with zipfile.ZipFile(fileobj) as archive:
-        infos = archive.infolist()
-        if len(infos) > UNPACKED_MEMBERS_MAX:
-            raise http_error(413, "upload too large", f"{what} has more than {UNPACKED_MEMBERS_MAX} members")
-        for info in infos:
+        for info in archive.infolist():
             label = f"{what} member"
             mode = info.external_attr >> 16
             if info.flag_bits & 0x1:
-                raise http_error(400, "invalid archive", f"{label} {json.dumps(info.filename)[:300]}: encrypted members are not supported")
+                raise http_error(400, "invalid archive", f"{label} {json.dumps(info.filename[:200])}: encrypted members are not supported")
             if info.is_dir():
                 writer.add_dir(info.filename, label)
             elif stat.S_ISLNK(mode):
-                if info.file_size > 4096:
-                    raise http_error(400, "unsafe link", f"{label} {json.dumps(info.filename)[:300]}: link target too long")
+                if info.file_size > PATH_MAX_BYTES:
+                    raise http_error(400, "unsafe link", f"{label} {json.dumps(info.filename[:200])}: link target too long")
                 writer.add_symlink(info.filename, archive.read(info).decode("utf-8", "replace"), label)
             elif stat.S_IFMT(mode) not in (0, stat.S_IFREG):  # 0: the archiver recorded no file type
-                raise http_error(400, "unsafe member", f"{label} {json.dumps(info.filename)[:300]}: devices, FIFOs and sockets are not allowed")
+                raise http_error(400, "unsafe member", f"{label} {json.dumps(info.filename[:200])}: devices, FIFOs and sockets are not allowed")
             else:
                 with archive.open(info) as member:
                     writer.add_file(info.filename, member, info.file_size, bool(mode & 0o111), label)
+
+
+# 3.4 Multipart bodies, read as a stream: one part at a time, each in bounded
+# memory; a 'files' part goes to a spool file in the upload's own directory
+# and is unpacked from there, then removed. Nothing of the body is held whole.
+# (Not cgi.FieldStorage, through webob: it copies the body, spools every part
+# before the first is looked at, costs about 30 times a tiny part's size in
+# memory, and is gone from Python 3.13.)
+
+#: Bytes of one part's headers, and parts per body (a manifest and the files).
+MULTIPART_HEADERS_MAX_BYTES = 8 * KiB
+MULTIPART_PARTS_MAX = 1 + UNPACKED_MEMBERS_MAX
+_READ_BYTES = 64 * KiB
+
+
+class MultipartReader:
+    """multipart/form-data (RFC 7578) from a stream of known length, as it arrives."""
+
+    def __init__(self, stream, length, boundary):
+        self.stream, self.left = stream, length
+        self.delimiter = b"\r\n--" + boundary
+        self.buffer = bytearray(b"\r\n")  # so that the first boundary reads like every other
+        self.parts_seen = 0
+
+    def _fill(self):
+        if self.left <= 0:
+            raise http_error(400, "invalid multipart body", "the body ends inside a part: no closing boundary")
+        chunk = self.stream.read(min(_READ_BYTES, self.left))
+        if not chunk:
+            raise http_error(400, "invalid multipart body", "the body is shorter than its Content-Length")
+        self.left -= len(chunk)
+        self.buffer += chunk
+
+    def parts(self):
+        """Each part's headers ({lowercase name: value}); read its data with read_part() before the next."""
+        self.read_part(lambda data: None)  # the preamble
+        while True:
+            while len(self.buffer) < 2:
+                self._fill()
+            if self.buffer[:2] == b"--":
+                return  # the closing boundary; an epilogue is ignored
+            while self.buffer[:1] in (b" ", b"\t"):  # transport padding
+                del self.buffer[:1]
+                while len(self.buffer) < 2:
+                    self._fill()
+            if self.buffer[:2] != b"\r\n":
+                raise http_error(400, "invalid multipart body", "a boundary is not followed by a line break")
+            del self.buffer[:2]
+            self.parts_seen += 1
+            if self.parts_seen > MULTIPART_PARTS_MAX:
+                raise http_error(413, "upload too large", f"more than {MULTIPART_PARTS_MAX} parts")
+            yield self._headers()
+
+    def _headers(self):
+        while (end := self.buffer.find(b"\r\n\r\n", 0, MULTIPART_HEADERS_MAX_BYTES + 4)) < 0:
+            if len(self.buffer) > MULTIPART_HEADERS_MAX_BYTES:
+                raise http_error(400, "invalid multipart body", f"a part's headers are over {MULTIPART_HEADERS_MAX_BYTES} bytes")
+            self._fill()
+        block, self.buffer = bytes(self.buffer[:end]), self.buffer[end + 4 :]
+        headers = {}
+        for line in block.split(b"\r\n") if block else []:
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise http_error(400, "invalid multipart body", "a part's header line has no name")
+            try:
+                headers[name.strip().lower().decode("ascii")] = value.strip().decode("utf-8")
+            except UnicodeDecodeError:
+                raise http_error(400, "invalid multipart body", "a part's header is not UTF-8") from None
+        return headers
+
+    def read_part(self, write):
+        """Hand the current part's data to write() as it arrives, up to the next boundary."""
+        keep = len(self.delimiter) - 1
+        while (at := self.buffer.find(self.delimiter)) < 0:
+            if len(self.buffer) > keep:
+                write(bytes(self.buffer[:-keep]))
+                del self.buffer[:-keep]
+            self._fill()
+        write(bytes(self.buffer[:at]))
+        del self.buffer[: at + len(self.delimiter)]
+
+
+def _header_params(header, value):
+    """A header's first value (lowercase) and its parameters, with quoting and RFC 2231 undone."""
+    message = email.message.Message()
+    message[header] = value
+    first, *params = message.get_params(header=header) or [("", "")]
+    return first[0].lower(), {key.lower(): email.utils.collapse_rfc2231_value(val) for key, val in params}
+
+
+def multipart_boundary(req):
+    """The boundary of a multipart/form-data request, or 400."""
+    _, params = _header_params("content-type", req.headers.get("Content-Type", ""))
+    boundary = params.get("boundary", "")
+    if not 1 <= len(boundary) <= 70 or not boundary.isascii():
+        raise http_error(400, "invalid multipart body", "the Content-Type has no valid boundary")
+    return boundary.encode()
 
 
 # 4. Job spool and queue ------------------------------------------------------
@@ -1057,14 +1236,15 @@ def _cpu_charges(key, now):
     return charges
 
 
-def quota(key, now):
+def quota(key, now, uploading=0):
     """The caller's quota figures and, if it may not submit now, why and for how long.
 
     Call it under the StateLock: a claim moves a job from the queue to the
     runner's count, and a reader between the two would count it twice.
+    `uploading` counts the client's uploads in flight as active jobs.
     """
     submits = _client_submits(key, now)
-    active = _client_active(key)
+    active = _client_active(key) + uploading
     charges = _cpu_charges(key, now)
     cpu_used = sum(c for _, c in charges)
     doc = {
@@ -1090,9 +1270,9 @@ def quota(key, now):
     return doc, submits, max(1, int(retry + 0.999))
 
 
-def rate_limit_check(key, now):
+def rate_limit_check(key, now, uploading=0):
     """Raise 429 if the client may not submit now."""
-    doc, submits, retry = quota(key, now)
+    doc, submits, retry = quota(key, now, uploading)
     if not doc["can_submit"]:
         details = {
             "concurrent_jobs": f"at most {RATE_CONCURRENT_JOBS} queued or running jobs per client",
@@ -1102,6 +1282,81 @@ def rate_limit_check(key, now):
         raise http_error(429, "rate limit exceeded", details, headers={"Retry-After": str(retry)},
                          retry_after=retry, reason=doc["reason"])  # fmt: skip
     return submits
+
+
+def _start_time(pid):
+    """A live process's start time in clock ticks (/proc/<pid>/stat field 22): None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return None if fields[0] in (b"Z", b"X") else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def upload_admit(job_id, key, reserve, now):
+    """Make STATE/http/incoming/<job_id>/ for an upload that may write `reserve` bytes, or answer 429 or 503.
+
+    Under the state lock: uploads whose worker died are swept; the client's
+    uploads in flight count as its active jobs; and the upload is admitted
+    only if the free space, less what the uploads in flight may still write
+    (what each reserved, less what it wrote), keeps STATE_RESERVE_BYTES for
+    the running jobs and the runner. Its directory names its worker and client.
+    """
+    with StateLock():
+        incoming_fd = os.open(state_path("http", "incoming"), _DIR)
+        try:
+            outstanding = uploading = 0
+            for name in os.listdir(incoming_fd):
+                reserved, written, client, alive = _upload_in_flight(incoming_fd, name)
+                if alive:
+                    outstanding += max(0, reserved - written)
+                    uploading += client == key
+                else:
+                    tree_remove(incoming_fd, name)
+                    log.info("event=upload_swept detail=worker_gone")
+            rate_limit_check(key, now, uploading)
+            vfs = os.statvfs(STATE_DIR)
+            if vfs.f_bavail * vfs.f_frsize - outstanding < STATE_RESERVE_BYTES + reserve:
+                raise _storage_full()
+            os.mkdir(job_id, 0o700, dir_fd=incoming_fd)
+            owner = os.open(f"{job_id}/owner", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=incoming_fd)
+            with open(owner, "w") as f:
+                f.write(f"{os.getpid()} {_start_time(os.getpid())} {reserve} {key}\n")
+        finally:
+            os.close(incoming_fd)
+    return state_path("http", "incoming", job_id)
+
+
+def _upload_in_flight(incoming_fd, name):
+    """(bytes reserved, bytes written, client, whether its worker lives) of one upload in flight."""
+    try:
+        entry = os.open(name, _DIR, dir_fd=incoming_fd)
+    except FileNotFoundError:
+        return 0, 0, None, True  # its worker removed it a moment ago
+    except OSError:
+        return 0, 0, None, False  # not an upload's directory
+    try:
+        written = sum(os.stat(child, dir_fd=entry, follow_symlinks=False).st_blocks * 512 for child in os.listdir(entry))
+        with open(os.open("owner", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=entry)) as f:
+            pid, start, reserved, client = f.read(200).split()
+        pid, start, reserved = int(pid), int(start), int(reserved)
+    except FileNotFoundError:
+        return 0, 0, None, True  # being removed by its worker
+    except (OSError, ValueError):
+        return 0, 0, None, False
+    finally:
+        os.close(entry)
+    return reserved, written, client, _start_time(pid) == start
+
+
+def upload_remove(incoming):
+    """Remove an upload's directory, whatever it holds, once it is queued or refused."""
+    parent = os.open(os.path.dirname(incoming), _DIR)
+    try:
+        tree_remove(parent, os.path.basename(incoming))
+    finally:
+        os.close(parent)
 
 
 def spool_submit(job_id, key, incoming):
@@ -3457,19 +3712,18 @@ def handle_submit(req):
     if media == "multipart/form-data" and req.content_length is None:
         raise http_error(400, "length required", "send multipart bodies with a Content-Length")
     wait_s = _wait_param(req)
-    vfs = os.statvfs(STATE_DIR)
-    if vfs.f_bavail * vfs.f_frsize < STATE_RESERVE_BYTES + 2 * (req.content_length or 0):
-        raise _storage_full()
-
+    # The most this upload writes: the JSON body is read into memory; a multipart body
+    # spools one part at a time (at most the body), and the payload may unpack to its cap.
+    reserve = MANIFEST_MAX_BYTES + PAYLOAD_MEMBER_BYTES if media == "application/json" else \
+        req.content_length + UNPACKED_MAX_BYTES + UNPACKED_MEMBERS_MAX * PAYLOAD_MEMBER_BYTES  # fmt: skip
     job_id = "job-" + secrets.token_hex(16)
-    incoming = state_path("http", "incoming", job_id)
-    os.mkdir(incoming, 0o700)
+    incoming = upload_admit(job_id, key, reserve, now)
     try:
         with open(os.path.join(incoming, "payload.tar"), "xb") as payload, PayloadWriter(payload) as writer:
             if media == "application/json":
                 manifest = _intake_json(req, writer)
             else:
-                manifest = _intake_multipart(req, writer)
+                manifest = _intake_multipart(req, writer, incoming)
             writer.finish(manifest["entrypoint"])
         request = {"manifest": manifest, "client": key, "created_ts": now}
         with open(os.path.join(incoming, "request.json"), "x") as f:
@@ -3480,8 +3734,7 @@ def handle_submit(req):
             raise _storage_full() from None
         raise
     finally:
-        if os.path.exists(incoming):
-            shutil.rmtree(incoming)
+        upload_remove(incoming)  # queued, it was renamed away; refused, nothing of it stays
     metrics_count("sandrun_jobs_submitted_total")
     status_url = f"/status/{job_id}"
     if wait_s > 0:
@@ -3517,31 +3770,45 @@ def _intake_json(req, writer):
     return manifest
 
 
-def _intake_multipart(req, writer):
-    try:
-        fields = req.POST
-    except Exception as exc:  # cgi and webob raise assorted errors on a malformed body
-        raise http_error(400, "invalid multipart body", f"{type(exc).__name__}") from None
-    unknown = sorted(set(fields.keys()) - {"manifest", "files"})
-    if unknown:
-        raise http_error(400, "invalid form", f"unexpected form fields {unknown}; send 'manifest' and 'files'")
-    manifests = fields.getall("manifest")
-    if len(manifests) != 1:
-        raise http_error(400, "invalid form", "send exactly one 'manifest' field")
-    raw = manifests[0]
-    if not isinstance(raw, str):
-        raw = raw.file.read(MANIFEST_MAX_BYTES + 1)
-    if len(raw) > MANIFEST_MAX_BYTES:
-        raise http_error(413, "manifest too large", f"the manifest is over {MANIFEST_MAX_BYTES} bytes")
-    manifest = manifest_parse(_json_strict(raw, "manifest"), code_form=False)
-    parts = fields.getall("files")
-    if not parts:
-        raise http_error(400, "invalid form", "send at least one 'files' part")
-    for part in parts:
-        if isinstance(part, str) or not part.filename:
+def _intake_multipart(req, writer, incoming):
+    """Read the form as it arrives: the manifest into memory, each file part through a spool
+    file in the upload's directory into the payload, one at a time."""
+    reader = MultipartReader(req.body_file_raw, req.content_length, multipart_boundary(req))
+    manifest, files = None, 0
+    for headers in reader.parts():
+        kind, params = _header_params("content-disposition", headers.get("content-disposition", ""))
+        name = params.get("name")
+        if kind != "form-data" or name not in ("manifest", "files"):
+            raise http_error(400, "invalid form", f"unexpected form field {json.dumps(str(name)[:100])}; send 'manifest' and 'files'")
+        if name == "manifest":
+            if manifest is not None:
+                raise http_error(400, "invalid form", "send exactly one 'manifest' field")
+            manifest = bytearray()
+            reader.read_part(lambda data: _manifest_extend(manifest, data))
+            continue
+        if not params.get("filename"):
             raise http_error(400, "invalid form", "each 'files' part must be a file upload with a filename")
-        upload_add_part(writer, part.filename, part.file)
-    return manifest
+        path = os.path.join(incoming, "part")
+        with open(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w+b") as spool:
+            try:
+                reader.read_part(spool.write)
+                spool.flush()
+                spool.seek(0)
+                upload_add_part(writer, params["filename"], spool)
+            finally:
+                os.unlink(path)  # its space is free again before the next part
+        files += 1
+    if manifest is None:
+        raise http_error(400, "invalid form", "send exactly one 'manifest' field")
+    if not files:
+        raise http_error(400, "invalid form", "send at least one 'files' part")
+    return manifest_parse(_json_strict(bytes(manifest), "manifest"), code_form=False)
+
+
+def _manifest_extend(manifest, data):
+    manifest += data
+    if len(manifest) > MANIFEST_MAX_BYTES:
+        raise http_error(413, "manifest too large", f"the manifest is over {MANIFEST_MAX_BYTES} bytes")
 
 
 def handle_status(req, job_id):
@@ -4242,11 +4509,10 @@ def _runner_main(keeper, beat_w, starts):
 
 
 def worker_start():
-    """Each HTTP worker, after fork: multipart spill files go to the state tmpfs, not disk."""
+    """Each HTTP worker, after fork: its name and its metrics file."""
     global _METRICS
     prctl.set_name("sandrun-http")
     _METRICS = Metrics(state_path("http", "metrics", f"{os.getpid()}.json"))
-    tempfile.tempdir = state_path("http", "tmp")
 
 
 def server_stop():

@@ -192,6 +192,6 @@ def test_the_root_is_a_tmpfs_overlay_and_the_state_a_tmpfs(appliance):
 
 def test_only_the_http_workers_are_unprivileged_and_nothing_else_runs(appliance):
     processes = [tuple(fact.split(" uid ")) for fact in console_facts(appliance, "process")]
-    assert sorted(name for name, uid in processes if uid == "0") == ["sandrun-keeper", "sandrun-master", "sandrun-runner"]
+    assert sorted(name for name, uid in processes if uid == "0") == ["sandrun-factory", "sandrun-keeper", "sandrun-master", "sandrun-runner"]
     workers = [uid for name, uid in processes if name == "sandrun-http"]
     assert len(workers) == 2 and all(uid != "0" for uid in workers), processes

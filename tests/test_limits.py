@@ -126,7 +126,8 @@ def test_full_state_storage_is_503_not_an_error_and_recovers():
     """Queued uploads fill a small state tmpfs: intake answers 503 'storage full', never 400 or 500."""
     from conftest import SUITE_ENV, Server, make_tar
 
-    srv = Server({**SUITE_ENV, "SANDRUN_STATE_TMPFS_BYTES": str(256 << 20), "SANDRUN_MAX_RUNNING": "1"}, "small").start()
+    # 320 MiB: room for one running job's results and the runner (133 MiB) and what one upload may write (129 MiB)
+    srv = Server({**SUITE_ENV, "SANDRUN_STATE_TMPFS_BYTES": str(320 << 20), "SANDRUN_MAX_RUNNING": "1"}, "small").start()
     try:
         sleeper = srv.submit_code("import time; time.sleep(60)", wait=0)
         zeros = make_tar([("main.py", "file", b"pass"), ("zeros", "file", bytes(99 << 20))], "w:gz")

@@ -9,51 +9,12 @@ complete afterwards. Every server's log is checked for tracebacks at stop.
 import json
 import os
 import signal
-import threading
 import time
 
 import pytest
-from conftest import SUITE_ENV, Server, descendants
+from conftest import SUITE_ENV, Bystander, Server, descendants
 
 import sandrun
-
-VICTIM_S = 2
-
-
-class Bystander:
-    """A victim job of another client, and /health asked from a third address while the attack runs."""
-
-    def __init__(self, server):
-        self.server = server
-        doc = server.submit_code(f"import time; time.sleep({VICTIM_S}); print('victim ok')", wait=0, source="127.0.0.2")
-        self.job_id, self.submitted = doc["job_id"], time.monotonic()
-        self.health, self.stop = [], threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-
-    def _watch(self):
-        while not self.stop.is_set():
-            started = time.monotonic()
-            try:
-                status = self.server.request("GET", "/health", source="127.0.0.3", timeout=5)[0]
-            except OSError:
-                status = None
-            self.health.append((status, time.monotonic() - started))
-            self.stop.wait(0.2)
-
-    def check(self, health_may_fail_for_s=0.0):
-        """The victim ended as it should, on time; /health answered 200 within a second (but for the stated gap)."""
-        doc = self.server.wait(self.job_id)
-        self.stop.set()
-        self.thread.join()
-        logs = self.server.json("GET", f"/logs/{self.job_id}")[2]
-        assert (doc["status"], logs["stdout"]) == ("completed", "victim ok\n"), (doc, logs)
-        assert doc["execution_metadata"]["wall_time_ms"] < (VICTIM_S + 5) * 1000, doc
-        failed = [h for h in self.health if h[0] != 200 or h[1] > 1.0]
-        assert len(failed) * 0.2 <= health_may_fail_for_s + 0.5, self.health
-        fresh = self.server.run("print('fresh')", source="127.0.0.4")
-        assert (fresh[0]["status"], fresh[1]["stdout"]) == ("completed", "fresh\n"), fresh
-
 
 def _runner_unchanged(server, before):
     assert server.runner_pid() == before, "the runner restarted"

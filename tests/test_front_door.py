@@ -1,0 +1,286 @@
+"""The front door holds: what anonymous requests can cost the server is bounded.
+
+Each attack runs beside a victim job of another client (conftest.Bystander):
+the attacking request gets a clean 4xx or 503 quickly, /health from another
+address answers within a second, the victim completes, and afterwards the
+state tmpfs and the workers are back where they were.
+"""
+
+import io
+import json
+import os
+import socket
+import struct
+import tarfile
+import time
+import zipfile
+
+import pytest
+from conftest import SUITE_ENV, Bystander, Server, make_tar, multipart
+
+import sandrun
+
+MAIN = ("main.py", "file", b"print('ok')")
+
+
+@pytest.fixture(scope="module")
+def front():
+    """A server of its own, so that its workers' peak memory is this module's doing."""
+    srv = Server(SUITE_ENV, "front").start()
+    yield srv
+    srv.stop()
+
+
+def _workers(server):
+    return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _comm(pid) == "sandrun-http" and os.getpgid(pid) == server.proc.pid]
+
+
+def _comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _peak_rss(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def _state_used(server):
+    vfs = os.statvfs(server.state_dir)
+    return (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+
+
+def _attack(server, files, manifest=None, seconds=10):
+    """Submit an upload beside a victim; its status and body, once it was answered within `seconds`."""
+    bystander = Bystander(server)
+    peaks = {pid: _peak_rss(pid) for pid in _workers(server)}
+    started = time.monotonic()
+    status, _, body = server.submit_files(files, manifest or {"entrypoint": "main.py"})
+    took = time.monotonic() - started
+    bystander.check()
+    grown = max(_peak_rss(pid) - peak for pid, peak in peaks.items() if os.path.exists(f"/proc/{pid}"))
+    assert took < seconds, f"the answer took {took:.1f} s"
+    assert grown < 64 << 20, f"a worker's peak memory grew by {grown >> 20} MiB"
+    return status, json.loads(body)
+
+
+# 1. Every parser does bounded work --------------------------------------------------
+
+
+def _link_bomb(levels, fanout):
+    """l0 -> l1/l1/..., l1 -> l2/l2/...: expanding it naively takes fanout**levels steps."""
+    members = [MAIN, ("d", "dir", None), (f"l{levels}", "symlink", "d")]
+    members += [(f"l{i}", "symlink", "/".join([f"l{i + 1}"] * fanout)) for i in reversed(range(levels))]
+    return make_tar(members)
+
+
+def test_a_symlink_expansion_bomb_is_resolved_once_per_link(front):
+    status, doc = _attack(front, [("bomb.tgz", _link_bomb(40, 8))])
+    assert status == 200, doc  # every link stays inside: a fine upload, cheap to check
+
+
+def test_a_symlink_loop_is_refused(front):
+    status, doc = _attack(front, [("loop.tgz", make_tar([MAIN, ("a", "symlink", "b"), ("b", "symlink", "a/x")]))])
+    assert (status, doc["error"]) == (400, "unsafe link"), doc
+
+
+def test_symlink_resolution_has_a_budget(front):
+    target = "/".join(["d", ".."] * 500)[:1000]
+    members = [MAIN, ("d", "dir", None)] + [(f"l{i}", "symlink", target) for i in range(3000)]
+    status, doc = _attack(front, [("links.tgz", make_tar(members))])
+    assert (status, doc["error"]) == (400, "unsafe link") and "steps" in doc["details"], doc
+
+
+def test_a_link_target_over_the_path_cap_is_refused(front):
+    status, doc = _attack(front, [("long.tgz", make_tar([MAIN, ("l", "symlink", "a/" * 600)]))])
+    assert (status, doc["error"]) == (400, "unsafe link"), doc
+
+
+def _gnu_long_name_bomb(name_bytes):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("x" * name_bytes)
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    return buf.getvalue()
+
+
+def test_a_gnu_long_name_is_refused_before_it_is_read(front):
+    bomb = _gnu_long_name_bomb(100 << 20)
+    assert len(bomb) < 1 << 20
+    status, doc = _attack(front, [("name.tgz", bomb)])
+    assert (status, doc["error"]) == (400, "unsafe member") and "GNU long name" in doc["details"], doc
+
+
+def test_a_name_just_over_the_cap_is_refused_and_one_at_the_cap_accepted(front):
+    for length, expected in ((1024, 200), (1025, 400)):
+        name = ("d" * 200 + "/") * 4 + "e" * (length - 804 - 3) + ".py"
+        status, doc = _attack(front, [("n.tgz", make_tar([(name, "file", b"print(1)")]))], {"entrypoint": name})
+        assert status == expected, (length, doc)
+
+
+def test_a_zip_directory_is_counted_before_it_is_parsed(front):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("main.py", "print(1)")
+        for i in range(sandrun.UNPACKED_MEMBERS_MAX + 1):
+            archive.writestr(f"{i}", "")
+    data = bytearray(buf.getvalue())
+    eocd = data.rfind(b"PK\x05\x06")
+    struct.pack_into("<HH", data, eocd + 8, 1, 1)  # the end record lies: one member
+    status, doc = _attack(front, [("many.zip", bytes(data))])
+    assert (status, doc["error"]) == (413, "upload too large"), doc
+
+
+def test_many_tiny_parts_cost_little(front):
+    parts = [(f"f{i}.txt", b"x") for i in range(sandrun.UNPACKED_MEMBERS_MAX + 10)]
+    status, doc = _attack(front, [("main.py", b"print(1)")] + parts)
+    assert (status, doc["error"]) == (413, "upload too large"), doc
+    status, doc = _attack(front, [("main.py", b"print(1)")] + parts[:2000])
+    assert status == 200, doc
+
+
+def test_repeated_headers_are_stopped_by_the_stream_cap(front):
+    """Directory headers that repeat are no new member: only the decompressed-bytes counter stops them."""
+    header = tarfile.TarInfo("d")
+    header.type = tarfile.DIRTYPE
+    block = header.tobuf(tarfile.USTAR_FORMAT)
+    buf = io.BytesIO()
+    import gzip
+
+    with gzip.GzipFile(fileobj=buf, mode="wb") as g:
+        g.write(make_tar([MAIN], "w")[:1024])
+        for _ in range(300 << 20 >> 19):
+            g.write(block * 1024)
+    status, doc = _attack(front, [("dirs.tgz", buf.getvalue())])
+    assert (status, doc["error"]) == (413, "upload too large"), doc
+
+
+# 2. No one can fill the state tmpfs from outside ---------------------------------------
+
+SMALL = {**SUITE_ENV, "SANDRUN_STATE_TMPFS_BYTES": str(512 << 20), "SANDRUN_UPLOAD_MAX_BYTES": str(16 << 20),
+         "SANDRUN_UNPACKED_MAX_BYTES": str(16 << 20), "SANDRUN_RATE_CONCURRENT_JOBS": "2"}
+
+
+def _stalled_upload(server, source, length=16 << 20, sent=1 << 20):
+    """A multipart upload that sends its headers and the start of its body, then waits."""
+    sock = socket.create_connection(("127.0.0.1", server.port), source_address=(source, 0))
+    boundary = "b" * 20
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.bin\"\r\n\r\n").encode()
+    sock.sendall(f"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode() + head + b"x" * sent)
+    return sock
+
+
+def _incoming(server):
+    return os.listdir(os.path.join(server.state_dir, "http", "incoming"))
+
+
+def test_stalled_uploads_cannot_fill_the_state():
+    srv = Server(SMALL, "stalled").start()
+    socks = []
+    try:
+        before = _state_used(srv)
+        bystander = Bystander(srv)
+        answers = []
+        for i in range(12):  # each reserves what it may write: the body and what it may unpack to
+            socks.append(_stalled_upload(srv, f"127.0.1.{i + 1}"))
+            time.sleep(0.3)
+        for sock in socks:
+            sock.settimeout(0.5)
+            try:
+                answers.append(sock.recv(200).split(b"\r\n")[0])
+            except TimeoutError:
+                answers.append(b"waiting")
+        assert b"waiting" in answers and any(b" 503 " in a for a in answers), answers
+        assert len(_incoming(srv)) == answers.count(b"waiting")
+        vfs = os.statvfs(srv.state_dir)
+        assert vfs.f_bavail * vfs.f_frsize >= sandrun.STATE_RESERVE_BYTES - (64 << 20)  # the running jobs' room stays
+        bystander.check()
+        for sock in socks:
+            sock.close()
+        deadline = time.monotonic() + 30
+        while _incoming(srv) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _incoming(srv) == [] and _state_used(srv) - before < 1 << 20
+    finally:
+        for sock in socks:
+            sock.close()
+        srv.stop()
+
+
+def test_one_client_has_at_most_its_concurrency_in_flight():
+    srv = Server(SMALL, "inflight").start()
+    socks = [_stalled_upload(srv, "127.0.2.1") for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        status, _, doc = srv.json("POST", "/submit", {"code": "1", "interpreter": "python3"}, source="127.0.2.1")
+        assert (status, doc.get("reason")) == (429, "concurrent_jobs"), doc
+        assert srv.json("POST", "/submit", {"code": "1", "interpreter": "python3"}, source="127.0.2.2")[0] == 202
+    finally:
+        for sock in socks:
+            sock.close()
+        srv.stop()
+
+
+def test_an_answered_upload_holds_no_space(front):
+    before = _state_used(front)
+    payload = os.urandom(30 << 20)
+    for _ in range(3):
+        status, _, body = front.submit_files([("main.py", b"print(1)"), ("blob.bin", payload)], {"entrypoint": "main.py"})
+        doc = json.loads(body)
+        assert status == 200, doc
+        assert front.request("DELETE", f"/jobs/{doc['job_id']}")[0] == 204
+    deadline = time.monotonic() + 10
+    while _state_used(front) - before > 2 << 20 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _state_used(front) - before <= 2 << 20, (_state_used(front) - before) >> 20
+
+
+def test_a_dead_workers_upload_is_swept(front):
+    sock = _stalled_upload(front, "127.0.3.1")
+    try:
+        deadline = time.monotonic() + 10
+        while not _incoming(front):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        (name,) = _incoming(front)
+        with open(os.path.join(front.state_dir, "http", "incoming", name, "owner")) as f:
+            worker = int(f.read().split()[0])
+        os.kill(worker, 9)  # as the OOM killer or a timeout kill would
+        deadline = time.monotonic() + 30
+        while True:  # gunicorn starts a new worker; the next upload sweeps the dead one's
+            try:
+                if front.json("POST", "/submit?wait=30", {"code": "1", "interpreter": "python3"}, source="127.0.3.2")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert name not in _incoming(front)
+    finally:
+        sock.close()
+
+
+def test_a_full_state_is_a_503_at_every_step():
+    srv = Server(SMALL, "full-intake").start()
+    filler = os.path.join(srv.state_dir, "http", "tmp", "filler")
+    try:
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"f" * (1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+        body, ctype = multipart({"manifest": json.dumps({"entrypoint": "main.py"})}, [("main.py", b"print(1)")])
+        status, headers, data = srv.request("POST", "/submit", body, {"Content-Type": ctype})
+        assert (status, json.loads(data)["error"]) == (503, "storage full") and "retry-after" in headers, data
+        status, _, data = srv.json("POST", "/submit", {"code": "1", "interpreter": "python3"})
+        assert (status, data["error"]) == (503, "storage full"), data
+    finally:
+        os.unlink(filler)
+        srv.stop()
