@@ -92,6 +92,7 @@ import time
 import traceback
 import urllib.parse
 import zipfile
+import zlib
 
 import prctl
 import webob
@@ -3588,6 +3589,65 @@ def _lookup_or_404(job_id):
     return found
 
 
+#: Answers that hold a worker thread for long, in two kinds: waits (?wait long-polls
+#: and live logs), which last by design, and transfers (whole logs, all outputs as
+#: one archive), which last as long as the client takes to read them. Each kind has
+#: its share of a worker's threads, so that at least a quarter of them always
+#: answers everything else, and a few per client, so that one client cannot take
+#: a share for itself.
+WAITS_MAX = max(1, HTTP_THREADS // 2)
+TRANSFERS_MAX = max(1, HTTP_THREADS // 4)
+LONG_ANSWERS_PER_CLIENT = max(2, RATE_CONCURRENT_JOBS)
+
+
+class _LongAnswers:
+    """This worker's count of one kind of long answer, in all and per client."""
+
+    def __init__(self, limit):
+        self.limit, self.lock, self.clients = limit, threading.Lock(), collections.Counter()
+
+    def take(self, client):
+        """A slot for `client`, or False if this worker or this client has none left."""
+        with self.lock:
+            if sum(self.clients.values()) >= self.limit or self.clients[client] >= LONG_ANSWERS_PER_CLIENT:
+                return False
+            self.clients[client] += 1
+            return True
+
+    def give(self, client):
+        with self.lock:
+            self.clients[client] -= 1
+            if not self.clients[client]:
+                del self.clients[client]
+
+
+_WAITS, _TRANSFERS = _LongAnswers(WAITS_MAX), _LongAnswers(TRANSFERS_MAX)
+
+
+def _long_answer_refused(what):
+    return http_error(503, "busy", f"this client or worker already has as many {what} as it may; try again shortly",
+                      headers={"Retry-After": "5"})  # fmt: skip
+
+
+class _SlotIter:
+    """A response body that gives its long-answer slot back when the server closes it, whatever happened."""
+
+    def __init__(self, chunks, slots, client, close=None):
+        self.chunks, self.slots, self.client, self.on_close = chunks, slots, client, close
+
+    def __iter__(self):
+        return (chunk for chunk in self.chunks if chunk)  # an empty chunk could end a chunked answer
+
+    def close(self):
+        try:
+            if hasattr(self.chunks, "close"):
+                self.chunks.close()
+            if self.on_close is not None:
+                self.on_close()
+        finally:
+            self.slots.give(self.client)
+
+
 class _JobWatch:
     """Sleeps until the runner touches a job: claims it (its directory appears), appends output, or renames a new status in.
 
@@ -3640,10 +3700,15 @@ class _JobWatch:
         self.watches = []
 
 
-def _wait_finished(job_id, wait_s):
-    """Look up the job until it is finished or wait_s passed; the last lookup (or None)."""
+def _wait_finished(job_id, wait_s, client):
+    """Look up the job until it is finished or wait_s passed; the last lookup (or None).
+
+    Without a long-answer slot for the client, it looks once and answers at once.
+    """
     if not JOB_ID.match(job_id):
         return None  # before any path is made of it
+    if not _WAITS.take(client):
+        return job_lookup(job_id)  # no slot: an answer now, as if the wait had run out
     deadline = time.monotonic() + wait_s
     watch = _JobWatch(job_id, IN_MOVED_TO)
     try:
@@ -3656,6 +3721,7 @@ def _wait_finished(job_id, wait_s):
             watch.sleep(min(left, WAIT_BACKSTOP_S))
     finally:
         watch.close()
+        _WAITS.give(client)
 
 
 def _page():
@@ -3738,7 +3804,7 @@ def handle_submit(req):
     metrics_count("sandrun_jobs_submitted_total")
     status_url = f"/status/{job_id}"
     if wait_s > 0:
-        found = _wait_finished(job_id, wait_s)
+        found = _wait_finished(job_id, wait_s, key)
         if found is not None and found[0]["status"] in ("completed", "failed"):
             return _json(found[0])
     doc = {"job_id": job_id, "status": "queued", "position": position, "status_url": status_url}
@@ -3813,7 +3879,7 @@ def _manifest_extend(manifest, data):
 
 def handle_status(req, job_id):
     wait_s = _wait_param(req)
-    found = _wait_finished(job_id, wait_s) if wait_s > 0 else job_lookup(job_id)
+    found = _wait_finished(job_id, wait_s, client_key(client_address(req.environ))) if wait_s > 0 else job_lookup(job_id)
     if found is None:
         raise http_error(404, "not found", "no such job (it may have expired or been deleted)")
     return _json(found[0])
@@ -3824,30 +3890,47 @@ def handle_logs(req, job_id):
     if follow not in ("0", "1"):
         raise http_error(400, "invalid parameter", "follow must be 0 or 1")
     public, record = _lookup_or_404(job_id)
+    client = client_key(client_address(req.environ))
+    slots = _WAITS if follow == "1" else _TRANSFERS
+    if not slots.take(client):
+        raise _long_answer_refused("live log streams" if follow == "1" else "log and archive transfers")
     if follow == "1":
-        if not _FOLLOW_SLOTS.acquire(blocking=False):
-            raise http_error(503, "too many live streams", f"this worker already streams {FOLLOW_STREAMS_MAX} logs; "
-                             "try again shortly, or read /logs without follow", headers={"Retry-After": "5"})  # fmt: skip
-        response = webob.Response(content_type="text/event-stream", charset="utf-8", app_iter=LogStream(job_id))
+        stream = LogStream(job_id)
+        response = webob.Response(content_type="text/event-stream", charset="utf-8", app_iter=_SlotIter(stream, slots, client, stream.close))
         response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # nginx: pass it on at once
         return response
-    doc = {}
-    for name in ("stdout", "stderr"):
-        data = b""
-        if record is not None:
-            try:
-                with open(state_path("runner", "jobs", job_id, name), "rb") as f:
-                    data = f.read(OUTPUT_STREAM_MAX_BYTES)
-            except FileNotFoundError:
-                data = b""  # not started yet, or erased a moment ago
-        doc[name] = data.decode("utf-8", "replace")
-        doc[name + "_truncated"] = bool(record and record.get(name + "_truncated")) or len(data) >= OUTPUT_STREAM_MAX_BYTES
-    return _json(doc)
+    files, sizes = {}, {}
+    try:
+        for name in ("stdout", "stderr"):
+            with contextlib.suppress(FileNotFoundError):  # not started yet, or erased a moment ago
+                files[name] = open(os.open(state_path("runner", "jobs", job_id, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+                sizes[name] = os.fstat(files[name].fileno()).st_size
+    except BaseException:
+        for f in files.values():
+            f.close()
+        slots.give(client)
+        raise
+    truncated = {name: bool(record and record.get(name + "_truncated")) or sizes.get(name, 0) >= OUTPUT_STREAM_MAX_BYTES for name in ("stdout", "stderr")}
+    body = _SlotIter(_logs_json(files, truncated), slots, client, lambda: [f.close() for f in files.values()])
+    return webob.Response(app_iter=body, content_type="application/json", charset="utf-8")
 
 
-#: Live log streams per worker: each holds a thread, so at most half of them.
-FOLLOW_STREAMS_MAX = max(1, HTTP_THREADS // 2)
-_FOLLOW_SLOTS = threading.BoundedSemaphore(FOLLOW_STREAMS_MAX)
+def _logs_json(files, truncated):
+    """GET /logs as JSON made as it is sent: each stream read a chunk at a time and decoded as
+    it goes, bytes that are not UTF-8 replaced. The answer is at most a few times the stored
+    bytes (U+FFFD is 3 bytes, a control character 6) and never whole in memory."""
+    for i, name in enumerate(("stdout", "stderr")):
+        yield ('{"' if i == 0 else ', "').encode() + name.encode() + b'": "'
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        left = OUTPUT_STREAM_MAX_BYTES
+        f = files.get(name)
+        while f is not None and left > 0 and (chunk := f.read(min(READ_CHUNK_BYTES, left))):
+            left -= len(chunk)
+            yield json.dumps(decoder.decode(chunk), ensure_ascii=False)[1:-1].encode()
+        yield json.dumps(decoder.decode(b"", final=True), ensure_ascii=False)[1:-1].encode() + b'"'
+    yield (", " + ", ".join(f'"{name}_truncated": {json.dumps(value)}' for name, value in truncated.items()) + "}").encode()
+
+
 #: A comment line this often keeps proxies from closing a quiet stream.
 FOLLOW_KEEPALIVE_S = 15
 #: A stream ends at the latest this long after the job's timeout would end it.
@@ -3862,7 +3945,7 @@ class LogStream:
     cannot carry), then one 'status' with the final status document. A late
     client first gets all that was written so far. The stream ends when the
     job ends, or FOLLOW_GRACE_S after the longest the job could still take.
-    The WSGI server calls close() whatever happens, which frees the slot.
+    The WSGI server calls close() whatever happens (through _SlotIter, which frees the slot).
     """
 
     def __init__(self, job_id):
@@ -3909,7 +3992,6 @@ class LogStream:
 
     def close(self):
         self.watch.close()
-        _FOLLOW_SLOTS.release()
 
 
 def _sse(event, text):
@@ -4117,7 +4199,7 @@ def handle_download(req, job_id, path=None):
     outputs = {o["name"]: o for o in (record or {}).get("outputs", [])}
     headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox; default-src 'none'"}
     if path is None:
-        return _download_archive(job_id, outputs, headers)
+        return _download_archive(job_id, outputs, headers, client_key(client_address(req.environ)))
     output = outputs.get(path)
     if output is None:
         raise http_error(404, "not found", "no output file at that exact path")
@@ -4129,21 +4211,34 @@ def handle_download(req, job_id, path=None):
     return response
 
 
-def _download_archive(job_id, outputs, headers):
-    spill = tempfile.TemporaryFile(dir=state_path("http", "tmp"))
-    with tarfile.open(fileobj=spill, mode="w:gz") as tar:
-        for name in sorted(outputs):
-            fd = os.open(state_path("runner", "jobs", job_id, "files", name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with open(fd, "rb") as f:
-                info = tarfile.TarInfo(name)
-                info.size, info.mode, info.mtime = os.fstat(fd).st_size, 0o644, int(time.time())
-                tar.addfile(info, f)
-    size = spill.tell()
-    spill.seek(0)
-    response = webob.Response(app_iter=webob.static.FileIter(spill), content_type="application/gzip", content_length=size)
+def _download_archive(job_id, outputs, headers, client):
+    if not _TRANSFERS.take(client):
+        raise _long_answer_refused("log and archive transfers")
+    response = webob.Response(app_iter=_SlotIter(_tar_gz(job_id, outputs), _TRANSFERS, client), content_type="application/gzip")
     response.headers.update(headers)
     response.headers["Content-Disposition"] = _attachment(f"{job_id}-outputs.tar.gz")
     return response
+
+
+def _tar_gz(job_id, outputs):
+    """Every output in one tar.gz, made as it is sent, a chunk of a file at a time: nothing is spilled."""
+    gz, now = zlib.compressobj(6, zlib.DEFLATED, 31), int(time.time())  # 31: a gzip header
+    for name in sorted(outputs):
+        try:
+            fd = os.open(state_path("runner", "jobs", job_id, "files", name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            log.info("job=%s event=download_cut detail=erased", job_id)
+            return  # erased while it was sent: the archive ends short, as the client will see
+        with open(fd, "rb") as f:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = os.fstat(fd).st_size, 0o644, now
+            yield gz.compress(info.tobuf(tarfile.PAX_FORMAT))
+            sent = 0
+            while sent < info.size and (chunk := f.read(min(COPY_CHUNK_BYTES, info.size - sent))):
+                sent += len(chunk)
+                yield gz.compress(chunk)
+            yield gz.compress(bytes(info.size - sent + -info.size % 512))  # the record's padding
+    yield gz.compress(bytes(2 * 512)) + gz.flush()  # the end-of-archive marker
 
 
 def handle_delete(req, job_id):

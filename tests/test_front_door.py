@@ -284,3 +284,92 @@ def test_a_full_state_is_a_503_at_every_step():
     finally:
         os.unlink(filler)
         srv.stop()
+
+
+# 3, 4. Answers that hold a thread are capped; /logs is bounded and streamed -----------------
+
+
+def _raw_get(server, path, source):
+    """A GET whose answer is never read: the server's thread blocks writing it."""
+    sock = socket.create_connection(("127.0.0.1", server.port), source_address=(source, 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+def _health_is_quick(server):
+    started = time.monotonic()
+    status = server.request("GET", "/health", source="127.0.9.9", timeout=5)[0]
+    return status == 200 and time.monotonic() - started < 1.0
+
+
+def test_logs_of_invalid_utf8_are_bounded_and_streamed(front):
+    doc, _ = front.run("import sys; sys.stdout.buffer.write(b'\\xff' * (10 << 20))")
+    peaks = {pid: _peak_rss(pid) for pid in _workers(front)}
+    status, headers, body = front.request("GET", f"/logs/{doc['job_id']}")
+    assert status == 200 and headers.get("content-type") == "application/json; charset=utf-8"
+    assert len(body) <= 3 * (10 << 20) + 1024, len(body)  # U+FFFD is three bytes; nothing is escaped to six
+    logs = json.loads(body)
+    assert logs["stdout"] == "\ufffd" * (10 << 20) and logs["stdout_truncated"] is True and logs["stderr"] == ""
+    grown = max(_peak_rss(pid) - peak for pid, peak in peaks.items())
+    assert grown < 32 << 20, f"a worker held the answer: +{grown >> 20} MiB"
+
+
+def test_slow_readers_cannot_take_every_thread():
+    srv = Server({**SUITE_ENV, "SANDRUN_RATE_CONCURRENT_JOBS": "2", "SANDRUN_HTTP_WORKERS": "1"}, "readers").start()  # one worker: its shares are the server's
+    socks = []
+    try:
+        doc, _ = srv.run("import sys; sys.stdout.write('x' * (10 << 20))")
+        logs = f"/logs/{doc['job_id']}"
+        socks = [_raw_get(srv, logs, "127.0.4.1") for _ in range(2)]  # a client's share of transfers, both stuck
+        time.sleep(0.5)
+        status, _, body = srv.request("GET", logs, source="127.0.4.1")
+        assert (status, json.loads(body)["error"]) == (503, "busy"), body
+        assert srv.request("GET", logs, source="127.0.4.2")[0] == 200  # another client is served
+        socks += [_raw_get(srv, logs, f"127.0.5.{i}") for i in range(1, 20)]  # every worker's share, stuck
+        time.sleep(1)
+        assert all(_health_is_quick(srv) for _ in range(5))
+        assert srv.json("GET", f"/status/{doc['job_id']}")[0] == 200
+    finally:
+        for sock in socks:
+            sock.close()
+        srv.stop()
+
+
+def test_long_polls_cannot_take_every_thread(front):
+    import concurrent.futures
+
+    job_id = front.start_sleeper(20)
+    bystander = Bystander(front)
+
+    def poll(i):
+        started = time.monotonic()
+        status, _, doc = front.json("GET", f"/status/{job_id}?wait=10", source=f"127.0.6.{i + 1}")
+        return status, doc["status"], time.monotonic() - started
+
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        polls = [pool.submit(poll, i) for i in range(40)]
+        time.sleep(1)
+        assert all(_health_is_quick(front) for _ in range(5))
+        answers = [p.result() for p in polls]
+    assert all(status == 200 and state == "running" for status, state, _ in answers), answers
+    assert any(took < 2 for *_, took in answers) and any(took > 9 for *_, took in answers), answers  # some waited, the rest at once
+    bystander.check()
+    assert front.request("DELETE", f"/jobs/{job_id}")[0] == 204
+
+
+def test_the_archive_of_all_outputs_is_made_as_it_is_sent(front):
+    code = "import os\nfor i in range(3):\n    open(f'o{i}.bin', 'wb').write(os.urandom(30 << 20))"
+    doc, _ = front.run(code, timeout=60)
+    assert doc["status"] == "completed", doc
+    before = _state_used(front)
+    sock = _raw_get(front, f"/download/{doc['job_id']}", "127.0.7.1")
+    try:
+        time.sleep(1)
+        assert _state_used(front) - before < 1 << 20  # nothing spilled while the client does not read
+    finally:
+        sock.close()
+    status, _, body = front.request("GET", f"/download/{doc['job_id']}")
+    with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
+        assert sorted(tar.getnames()) == ["o0.bin", "o1.bin", "o2.bin"]
+        assert all(m.size == 30 << 20 for m in tar.getmembers())

@@ -98,7 +98,7 @@ def test_streams_per_worker_are_capped_and_a_deleted_job_ends_its_stream():
         try:
             assert stream.next()[0] == "stdout"
             status, headers, body = srv.request("GET", f"/logs/{job['job_id']}?follow=1")
-            assert status == 503 and json.loads(body)["error"] == "too many live streams" and headers["retry-after"] == "5"
+            assert status == 503 and json.loads(body)["error"] == "busy" and headers["retry-after"] == "5"
             assert srv.request("GET", f"/logs/{job['job_id']}")[0] == 200  # a plain read still works
             assert srv.request("DELETE", f"/jobs/{job['job_id']}")[0] == 204
             assert "status" not in [event for event, _ in stream.rest()]  # it ends with the job, which has no status to send
