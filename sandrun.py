@@ -212,7 +212,7 @@ RESULT_TTL_S = _env_int("RESULT_TTL_S", 600, 1, 86_400)
 RATE_CONCURRENT_JOBS = _env_int("RATE_CONCURRENT_JOBS", 2, 1, 10_000)
 #: Per client address: accepted jobs in the last hour.
 RATE_JOBS_PER_HOUR = _env_int("RATE_JOBS_PER_HOUR", 20, 1, 10_000_000)
-#: Per client address: CPU seconds of jobs that ended in the last minute.
+#: Per client address: CPU seconds per minute, as a token bucket of that size (see cpu_bucket).
 RATE_CPU_S_PER_MIN = _env_int("RATE_CPU_S_PER_MIN", 10, 1, 10_000_000)
 #: Seconds without a heartbeat after which the keeper kills the runner and starts a new one.
 RUNNER_STALL_S = _env_int("RUNNER_STALL_S", 5, 2, 300)
@@ -972,7 +972,7 @@ def multipart_boundary(req):
 #     alive                heartbeat, touched every second
 #     load.json            {"running": n}
 #     metrics.json         the runner's counters and histograms, across its restarts
-#     charges/<key>        "finished_at cpu_seconds" lines, for the CPU quota
+#     charges/<key>        "level time": the client's CPU bucket (cpu_bucket); none while full
 #     jobs/<id>/           status.json, stdout, stderr, files/<outputs>
 #     root/                empty mount point for job roots (private per job)
 # A job is queued while http/queue holds it, and known to the runner once
@@ -1222,19 +1222,22 @@ def _ledgers_sweep(now):
             os.unlink(os.path.join(clients, name))
 
 
-def _cpu_charges(key, now):
-    """[(finished_at, cpu_seconds)] the runner charged to this client in the last minute."""
-    try:
-        with open(state_path("runner", "charges", key)) as f:
-            lines = f.read(1 * MiB).split("\n")
-    except FileNotFoundError:
-        return []
-    charges = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) == 2 and float(fields[0]) > now - 60:
-            charges.append((float(fields[0]), float(fields[1])))
-    return charges
+def cpu_bucket(key, now, recorded=None):
+    """CPU seconds in the client's bucket now; negative while the client is in debt.
+
+    The CPU quota is a token bucket: it holds up to RATE_CPU_S_PER_MIN and
+    refills at that many per minute; the runner takes each job's CPU when
+    the job ends, into debt if need be, and records (level, time) in
+    STATE/runner/charges/<key>. No file: a full bucket.
+    """
+    if recorded is None:
+        try:
+            with open(state_path("runner", "charges", key)) as f:
+                recorded = tuple(float(field) for field in f.read(100).split())
+        except (FileNotFoundError, ValueError):
+            return float(RATE_CPU_S_PER_MIN)
+    level, at = recorded
+    return min(float(RATE_CPU_S_PER_MIN), level + (now - at) * RATE_CPU_S_PER_MIN / 60)
 
 
 def quota(key, now, uploading=0):
@@ -1246,8 +1249,8 @@ def quota(key, now, uploading=0):
     """
     submits = _client_submits(key, now)
     active = _client_active(key) + uploading
-    charges = _cpu_charges(key, now)
-    cpu_used = sum(c for _, c in charges)
+    cpu_left = cpu_bucket(key, now)
+    cpu_used = RATE_CPU_S_PER_MIN - cpu_left
     doc = {
         "active_jobs": active, "concurrent_limit": RATE_CONCURRENT_JOBS,
         "jobs_this_hour": len(submits), "jobs_per_hour_limit": RATE_JOBS_PER_HOUR,
@@ -1260,13 +1263,9 @@ def quota(key, now, uploading=0):
     elif len(submits) >= RATE_JOBS_PER_HOUR:
         doc["reason"] = "jobs_per_hour"
         retry = submits[-RATE_JOBS_PER_HOUR] + 3600 - now
-    elif cpu_used >= RATE_CPU_S_PER_MIN:
+    elif cpu_left <= 0:
         doc["reason"] = "cpu_seconds_per_minute"
-        spent, retry = cpu_used, 0
-        for finished, cpu in sorted(charges):
-            spent, retry = spent - cpu, finished + 60 - now
-            if spent < RATE_CPU_S_PER_MIN:
-                break
+        retry = -cpu_left * 60 / RATE_CPU_S_PER_MIN  # until the bucket holds some again
     doc["can_submit"] = doc["reason"] is None
     return doc, submits, max(1, int(retry + 0.999))
 
@@ -2744,6 +2743,7 @@ class Runner:
         self.spares = collections.deque()  # jails built ahead, oldest first, waiting for jobs (jail_build)
         self.spare_retry = 0.0
         self.doomed = set()  # cgroups of ended jails still being emptied by the kernel
+        self.buckets = {}  # client -> (CPU seconds in its bucket, when): what this runner charged
         self.unsaved = {}  # bookkeeping writes that met a full state tmpfs: name -> retry function
         self.waiting_for_space = False
 
@@ -3037,6 +3037,7 @@ class Runner:
         if job.setup_error is not None:
             self._ended(job)
             return
+        self._clip_timeout(job)
         for fd in (1, 2):
             path = state_path("runner", "jobs", job.id, "stdout" if fd == 1 else "stderr")
             job.logs[fd] = JobLog(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644))
@@ -3345,23 +3346,36 @@ class Runner:
             finally:
                 os.close(job_fd)
 
+    def _bucket(self, client, now):
+        """The client's CPU bucket now, as this runner last recorded it (even if that is unsaved)."""
+        return cpu_bucket(client, now, self.buckets.get(client))
+
     def _charge(self, client, finished, cpu):
-        path = state_path("runner", "charges", client)
-
-        def write():
-            lines = []
-            with contextlib.suppress(FileNotFoundError):
-                with open(path) as f:
-                    lines = [line for line in f.read(1 * MiB).splitlines() if float(line.split()[0]) > time.time() - 60]
-            _write_atomic(path, "\n".join(lines + [f"{finished:.3f} {cpu:.3f}"]) + "\n")
-
-        self._save(f"charge_{client}_{finished}", write)
+        """Take a job's CPU from its client's bucket, into debt if need be."""
+        self.buckets[client] = (self._bucket(client, finished) - cpu, finished)
+        level, at = self.buckets[client]
+        self._save(f"charge_{client}", lambda: _write_atomic(state_path("runner", "charges", client), f"{level:.6f} {at:.3f}\n"))
 
     def _charges_sweep(self, wall):
-        charges = state_path("runner", "charges")
-        for name in os.listdir(charges):  # only the last minute counts
-            if os.stat(os.path.join(charges, name)).st_mtime < wall - 60:
-                os.unlink(os.path.join(charges, name))
+        """Forget the buckets that are full again: no file, a full bucket."""
+        charges_fd = os.open(state_path("runner", "charges"), _DIR)
+        try:
+            for client in os.listdir(charges_fd):
+                if self._bucket(client, wall) >= RATE_CPU_S_PER_MIN or not _CLIENT_NAME.match(client):
+                    os.unlink(client, dir_fd=charges_fd)
+                    self.buckets.pop(client, None)
+        finally:
+            os.close(charges_fd)
+
+    def _clip_timeout(self, job):
+        """A job runs no longer than its client's bucket holds, less what its other running jobs may
+        still use (one CPU each, up to their deadlines); at least a second."""
+        others = sum(max(0.0, j.deadline - time.monotonic()) for j in self.jobs.values()
+                     if j is not job and j.client == job.client and j.handle is not None and not j.handle.reaped)  # fmt: skip
+        timeout = max(1.0, min(job.manifest["timeout"], self._bucket(job.client, time.time()) - others))
+        if timeout < job.manifest["timeout"]:
+            job.manifest["timeout"] = round(timeout, 3)
+            job.deadline = job.started + job.manifest["timeout"]
 
     # 6.6 Deletion, expiry and shutdown
 
