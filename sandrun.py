@@ -4429,8 +4429,27 @@ def state_prepare():
             os.chown(name, user.pw_uid, user.pw_gid)
     for name in ("runner", "runner/jobs", "runner/charges", "runner/root"):
         os.mkdir(state_path(name), 0o755)
+    # Results are for the HTTP workers to read, and for no other local user.
+    os.chown(state_path("runner"), 0, user.pw_gid)
+    os.chmod(state_path("runner"), 0o750)
     # A page taken now: the runner rewrites its pid here in place and touches it, which needs no space later.
     _write_atomic(state_path("runner", "alive"), " " * 15 + "\n")
+
+
+class GunicornLogScrub(logging.Filter):
+    """gunicorn's own error log without what names a client or a job: it writes the client's
+    address and bytes of its request for a malformed one, and the URI (a job id is a bearer
+    secret) with a traceback for a failed one. Those lines keep their event only."""
+
+    def filter(self, record):
+        message = str(record.msg)
+        if message.startswith("Invalid request from ip="):
+            record.msg, record.args = "event=invalid_request", ()
+        elif message.startswith("Error handling request"):
+            kind = record.exc_info[1] if record.exc_info else None
+            record.msg, record.args = f"event=request_failed error={type(kind).__name__}", ()
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def server_start():
@@ -4439,6 +4458,7 @@ def server_start():
     prctl.set_name("sandrun-master")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("gunicorn.error").addFilter(GunicornLogScrub())  # the workers are forked with it
     if os.geteuid() != 0:
         raise HostError("the server must start as root: only the runner keeps privileges, to build jails")
     try:

@@ -373,3 +373,39 @@ def test_the_archive_of_all_outputs_is_made_as_it_is_sent(front):
     with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
         assert sorted(tar.getnames()) == ["o0.bin", "o1.bin", "o2.bin"]
         assert all(m.size == 30 << 20 for m in tar.getmembers())
+
+
+# 7. Nothing names a client --------------------------------------------------------------
+
+
+def test_no_log_line_names_a_client_or_a_request(front):
+    marker = "sentinel-" + os.urandom(6).hex()
+    for request in (f"GET /{marker} HTTP/1.1\r\nHost: x\r\nBad Header {marker}\r\n\r\n".encode(),
+                    f"NOT-HTTP {marker}\r\n\r\n".encode(), b"GET /" + marker.encode() + b"\x00 HTTP/1.1\r\n\r\n"):
+        sock = socket.create_connection(("127.0.0.1", front.port), source_address=("127.0.8.77", 0))
+        sock.sendall(request)
+        sock.settimeout(5)
+        assert sock.recv(100).startswith(b"HTTP/1.1 4")
+        sock.close()
+    time.sleep(0.5)
+    with open(front.log_path, errors="replace") as f:
+        log = f.read()
+    assert "event=invalid_request" in log
+    assert "127.0.8.77" not in log and marker not in log
+
+
+def test_results_are_readable_by_the_http_user_only(front):
+    doc, _ = front.run("open('out.txt', 'w').write('secret')")
+    pid = os.fork()
+    if pid == 0:  # another local user
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os.listdir(os.path.join(front.state_dir, "runner", "jobs"))
+            os._exit(1)
+        except PermissionError:
+            os._exit(0)
+        finally:
+            os._exit(2)
+    assert os.waitpid(pid, 0)[1] == 0, "another user could list the results"
+    assert front.request("GET", f"/download/{doc['job_id']}/out.txt")[2] == b"secret"  # the workers still can
