@@ -22,15 +22,14 @@ status, the server's `error` and `details`, and on a 429 `retry_after`.
 """
 
 import argparse
+import http.client
 import io
 import json
 import os
 import sys
 import tarfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 
 DEFAULT_URL = "http://127.0.0.1:8443"
@@ -141,18 +140,39 @@ class SandrunClient:
     # HTTP
 
     def _open(self, method, path, body=None, headers=None):
-        request = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        """One request, its response open. A server may answer before it has read the whole body
+        (413 from Content-Length, 503 storage full) and close: then sending fails, and the
+        answer, already on its way, is read rather than lost."""
+        url = urllib.parse.urlsplit(self.url)
+        kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        conn = kind(url.hostname, url.port, timeout=self.timeout)
         try:
-            return urllib.request.urlopen(request, timeout=self.timeout)
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
+            conn.putrequest(method, url.path.rstrip("/") + path)
+            for name, value in {**(headers or {}), "Content-Length": str(len(body or b""))}.items():
+                conn.putheader(name, value)
+            conn.endheaders()
             try:
-                doc = json.loads(raw)
-            except ValueError:
-                doc = {"error": exc.reason, "details": raw.decode(errors="replace")[:300]}
-            retry = exc.headers.get("Retry-After")
-            raise SandrunError(exc.code, doc.get("error", exc.reason), doc.get("details", ""),
-                               int(retry) if retry and retry.isdigit() else None) from None
+                view = memoryview(body or b"")
+                for at in range(0, len(view), 1 << 16):
+                    conn.send(view[at : at + (1 << 16)])
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # answered early: the answer is read below
+            response = conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+        if response.status < 400:
+            return response
+        with response:
+            raw = response.read()
+        conn.close()
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = {"error": response.reason, "details": raw.decode(errors="replace")[:300]}
+        retry = response.headers.get("Retry-After")
+        raise SandrunError(response.status, doc.get("error", response.reason), doc.get("details", ""),
+                           int(retry) if retry and retry.isdigit() else None)
 
     def _json(self, method, path, body=None, headers=None):
         with self._open(method, path, body, headers) as response:

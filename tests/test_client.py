@@ -106,3 +106,21 @@ def test_the_curl_examples_run_against_the_server(server):
     for expected in ('"status": "completed"', "wrote result.txt", "result.txt says: hello sandrun",
                      "event: stdout", "data: 2", '"error": "', "DELETE: 204"):
         assert expected in done.stdout, (expected, done.stdout)
+
+
+def test_an_early_413_reaches_the_client(tmp_path):
+    """The server answers 413 from Content-Length and closes while the client still sends: the
+    client reads that answer instead of dying of a broken pipe."""
+    from conftest import Server
+
+    srv = Server({"SANDRUN_UPLOAD_MAX_BYTES": str(16 << 20), "SANDRUN_UNPACKED_MAX_BYTES": str(16 << 20)}, "early").start()
+    try:
+        (tmp_path / "main.py").write_text("print(1)")
+        (tmp_path / "big.bin").write_bytes(os.urandom(40 << 20))
+        client = SandrunClient(f"http://127.0.0.1:{srv.port}")
+        for _ in range(5):
+            with pytest.raises(SandrunError) as caught:
+                client.submit_directory(str(tmp_path), "main.py")
+            assert (caught.value.status, caught.value.error) == (413, "body too large"), caught.value
+    finally:
+        srv.stop()
