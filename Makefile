@@ -37,6 +37,14 @@ endef
 	$(call apt_install,$(TEST_APT_PACKAGES))
 	touch $@
 
+# nginx for the tests that go through the shipped site file: unpacked, not installed
+# (installing the package would start a system nginx on port 80).
+NGINX := build/nginx/usr/sbin/nginx
+$(NGINX):
+	mkdir -p build/nginx
+	cd build/nginx && { apt-get download nginx 2>/dev/null || { apt-get update -q && apt-get download nginx; }; }
+	dpkg-deb -x build/nginx/nginx_*.deb build/nginx
+
 .PHONY: user
 user:
 	getent group $(HTTP_USER) >/dev/null || groupadd --system $(HTTP_USER)
@@ -59,7 +67,7 @@ check: setup  ## Prove this host can jail jobs, as the server does at start
 	$(VENV)/bin/python sandrun.py check
 
 .PHONY: test
-test: setup .test-apt.installed  ## Run the whole suite against a real server and the real jail
+test: setup .test-apt.installed $(NGINX)  ## Run the whole suite against a real server and the real jail
 	$(VENV)/bin/python -m pytest -p no:cacheprovider -W "ignore:'cgi' is deprecated:DeprecationWarning" tests/
 
 .PHONY: lint

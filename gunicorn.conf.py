@@ -15,7 +15,9 @@ import sandrun
 bind = [sandrun.HTTP_BIND]  # SANDRUN_BIND; plain HTTP on loopback, TLS is the proxy's job
 
 # Worker processes
-worker_class = "gthread"  # ?wait long-polls park a thread, not a whole process; workers never fork
+# gthread (?wait long-polls park a thread, not a whole process; workers never fork), with a
+# deadline for reading a request and a cap on the threads one address holds (sandrun.py 7.1)
+worker_class = "sandrun.ThreadWorker"
 workers = sandrun.HTTP_WORKERS  # no state lives in a worker: any worker answers any request
 threads = sandrun.HTTP_THREADS
 timeout = 30  # seconds of worker silence before it is restarted; gthread workers report in while requests wait

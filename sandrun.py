@@ -94,6 +94,7 @@ import urllib.parse
 import zipfile
 import zlib
 
+import gunicorn.workers.gthread
 import prctl
 import webob
 import webob.exc
@@ -151,6 +152,9 @@ HTTP_USER = _env_str("HTTP_USER", "sandrun")
 #: HTTP worker processes; each holds HTTP_THREADS threads (long-polls park a thread).
 HTTP_WORKERS = _env_int("HTTP_WORKERS", 2, 1, 64)
 HTTP_THREADS = _env_int("HTTP_THREADS", 16, 1, 256)
+#: Seconds a client may take to send a whole request to a direct bind (headers and body);
+#: behind nginx, nginx reads it first. Past it the connection is closed.
+REQUEST_READ_S = _env_int("REQUEST_READ_S", 30, 1, 3600)
 #: Peers whose X-Forwarded-For is believed (comma-separated; gunicorn's forwarded_allow_ips).
 FORWARDED_ALLOW_IPS = _env_str("FORWARDED_ALLOW_IPS", "")
 #: Jobs running at once: one CPU's worth of bandwidth each.
@@ -3805,6 +3809,7 @@ def handle_submit(req):
             else:
                 manifest = _intake_multipart(req, writer, incoming)
             writer.finish(manifest["entrypoint"])
+        _READS.read(req.environ.get("gunicorn.socket"))  # read whole: no deadline for the answer
         request = {"manifest": manifest, "client": key, "created_ts": now}
         with open(os.path.join(incoming, "request.json"), "x") as f:
             json.dump(request, f)
@@ -4342,6 +4347,8 @@ def _dispatch(req):
 def app(environ, start_response):
     """The WSGI entry point (gunicorn: sandrun:app)."""
     req = webob.Request(environ)
+    if not (req.method == "POST" and req.path_info == "/submit"):
+        _READS.read(environ.get("gunicorn.socket"))  # no body to wait for; /submit says so itself
     try:
         response = _dispatch(req)
     except webob.exc.HTTPException as exc:
@@ -4365,6 +4372,75 @@ def app(environ, start_response):
             response.app_iter.close()
         return []
     return response.app_iter
+
+
+# 7.1 The HTTP worker: gunicorn's gthread worker reads a request's headers and
+# body in one of its threads, blocking, so a client that sends slowly holds
+# that thread. Behind nginx that is nginx's problem (it reads the whole
+# request first); on a direct bind, two guards: a deadline for reading each
+# whole request, and a cap on the threads one address holds in a worker.
+
+#: Threads one address may hold in one worker at once (a direct bind only).
+HTTP_THREADS_PER_ADDRESS = max(2, HTTP_THREADS // 4)
+_BUSY_BODY = json.dumps({"error": "busy", "details": "this address has as many requests open as it may"}).encode()
+_BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+                b"Retry-After: 5\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s") % (len(_BUSY_BODY), _BUSY_BODY)  # fmt: skip
+
+
+class _Reads:
+    """The requests this worker's threads are reading: each one's deadline and address."""
+
+    def __init__(self):
+        self.lock, self.reading, self.addresses = threading.Lock(), {}, collections.Counter()
+
+    def begin(self, sock, address):
+        """A thread starts to read a request from `sock`; False if its address has its share."""
+        with self.lock:
+            if address is not None and self.addresses[address] >= HTTP_THREADS_PER_ADDRESS:
+                return False
+            self.addresses[address] += 1
+            self.reading[sock] = (time.monotonic() + REQUEST_READ_S, address)
+            return True
+
+    def read(self, sock):
+        """The request is read, or its thread is done: no deadline, and no longer its address's."""
+        with self.lock:
+            entry = self.reading.pop(sock, None)
+            if entry is not None:
+                self.addresses[entry[1]] -= 1
+                if not self.addresses[entry[1]]:
+                    del self.addresses[entry[1]]
+
+    def watch(self):
+        """A thread of each worker: shut a socket past its deadline, so that its blocked read ends."""
+        while True:
+            time.sleep(0.5)
+            with self.lock:
+                late = [sock for sock, (deadline, _) in self.reading.items() if deadline <= time.monotonic()]
+            for sock in late:
+                with contextlib.suppress(OSError):  # closed meanwhile: its thread is done
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+_READS = _Reads()
+
+
+class ThreadWorker(gunicorn.workers.gthread.ThreadWorker):
+    """gunicorn's gthread worker (gunicorn.conf.py: worker_class), with the two guards above."""
+
+    def handle(self, conn):
+        address = conn.client[0] if isinstance(conn.client, tuple) else None  # None: a UNIX socket, nginx
+        if not _READS.begin(conn.sock, address):
+            with contextlib.suppress(OSError):
+                conn.sock.sendall(_BUSY_ANSWER)
+                # Shut here: gunicorn's graceful close would otherwise wait on this client
+                # for up to 2 s, in the worker's main loop, for each such connection.
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            return False  # gunicorn closes the connection
+        try:
+            return super().handle(conn)
+        finally:
+            _READS.read(conn.sock)
 
 
 # 8. Process management and command line ----------------------------------------
@@ -4642,6 +4718,7 @@ def worker_start():
     global _METRICS
     prctl.set_name("sandrun-http")
     _METRICS = Metrics(state_path("http", "metrics", f"{os.getpid()}.json"))
+    threading.Thread(target=_READS.watch, name="sandrun-deadlines", daemon=True).start()
 
 
 def server_stop():

@@ -409,3 +409,141 @@ def test_results_are_readable_by_the_http_user_only(front):
             os._exit(2)
     assert os.waitpid(pid, 0)[1] == 0, "another user could list the results"
     assert front.request("GET", f"/download/{doc['job_id']}/out.txt")[2] == b"secret"  # the workers still can
+
+
+# 3. No client can drain the pool (the direct bind) ------------------------------------------
+
+
+def test_slow_senders_cannot_take_every_thread():
+    """One byte and then silence, or a multipart body trickled: an address holds at most its
+    share of a worker's threads, and every request is cut at SANDRUN_REQUEST_READ_S."""
+    srv = Server({**SUITE_ENV, "SANDRUN_REQUEST_READ_S": "3"}, "slowloris").start()
+    socks = []
+    try:
+        bystander = Bystander(srv)
+        for i in range(40):
+            sock = socket.create_connection(("127.0.0.1", srv.port), source_address=("127.0.10.1", 0))
+            sock.sendall(b"G")
+            socks.append(sock)
+        for i in range(64):
+            socks.append(_stalled_upload(srv, "127.0.10.2", sent=10))
+        started = time.monotonic()
+        assert all(_health_is_quick(srv) for _ in range(5))
+        bystander.check()
+        for sock in socks:  # every one answered "busy", or cut at the deadline
+            sock.settimeout(max(0.1, started + 10 - time.monotonic()))
+            answer = sock.recv(100)
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 503"), answer
+        assert time.monotonic() - started < 10
+    finally:
+        for sock in socks:
+            sock.close()
+        srv.stop()
+
+
+def test_a_request_trickled_a_byte_at_a_time_is_cut_at_the_deadline():
+    srv = Server({**SUITE_ENV, "SANDRUN_REQUEST_READ_S": "2"}, "trickle").start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            for byte in b"GET /health HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+                sock.send(bytes([byte]))
+                time.sleep(0.3)
+                sock.setblocking(False)
+                try:
+                    if sock.recv(100) == b"":
+                        raise ConnectionResetError("closed")
+                except BlockingIOError:
+                    pass
+                sock.setblocking(True)
+        assert 2 <= time.monotonic() - started < 5
+        sock.close()
+        assert srv.request("GET", "/health")[0] == 200
+    finally:
+        srv.stop()
+
+
+# 3. ... and through nginx with the shipped site file -----------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NGINX = os.path.join(ROOT, "build", "nginx", "usr", "sbin", "nginx")
+
+
+class Nginx:
+    """The shipped site file (image/nginx/sandrun.conf) in a real nginx, on a free loopback port,
+    in front of a server on a UNIX socket: only the addresses and paths are changed."""
+
+    def __init__(self, server):
+        import subprocess
+
+        from conftest import _free_port
+
+        self.dir, self.port = os.path.join(server.workdir, "nginx"), _free_port()
+        os.makedirs(self.dir)
+        with open(os.path.join(ROOT, "image", "nginx", "sandrun.conf")) as f:
+            site = f.read()
+        site = site.replace("unix:/run/sandrun/http.sock", "unix:" + server.env["SANDRUN_BIND"][len("unix:"):])
+        site = site.replace("listen 80 default_server;", f"listen 127.0.0.1:{self.port} default_server;")
+        site = site.replace("listen [::]:80 default_server;\n", "").replace("/var/log/nginx/error.log", f"{self.dir}/error.log")
+        with open(os.path.join(self.dir, "site.conf"), "w") as f:
+            f.write(site)
+        temps = "".join(f"{kind}_temp_path {self.dir}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        with open(os.path.join(self.dir, "nginx.conf"), "w") as f:
+            f.write(f"daemon off;\nuser root;\nworker_processes 1;\npid {self.dir}/nginx.pid;\nerror_log {self.dir}/error.log crit;\n"
+                    f"events {{ worker_connections 1024; }}\nhttp {{\n{temps}include {self.dir}/site.conf;\n}}\n")
+        self.proc = subprocess.Popen([NGINX, "-p", self.dir, "-c", f"{self.dir}/nginx.conf"])
+        deadline = time.monotonic() + 10
+        while not self.get("/health")[0] == 200:
+            assert time.monotonic() < deadline and self.proc.poll() is None, "nginx did not come up"
+            time.sleep(0.1)
+
+    def get(self, path, source="127.0.0.1"):
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5, source_address=(source, 0))
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read()
+        except OSError:
+            return None, b""
+        finally:
+            conn.close()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def test_through_nginx_slow_clients_never_reach_a_thread():
+    srv = Server(SUITE_ENV, "nginx")
+    srv.env["SANDRUN_BIND"] = f"unix:{srv.workdir}/http.sock"
+    srv.start()
+    proxy = Nginx(srv)
+    socks = []
+    try:
+        bystander = Bystander(srv)
+        for i in range(1, 41):  # one byte each, from many addresses: past nginx's per-address limits
+            sock = socket.create_connection(("127.0.0.1", proxy.port), source_address=(f"127.0.12.{i}", 0))
+            sock.sendall(b"G")
+            socks.append(sock)
+        for i in range(1, 65):  # a multipart body trickled: nginx holds it, Sandrun never sees it
+            sock = socket.create_connection(("127.0.0.1", proxy.port), source_address=(f"127.0.13.{i}", 0))
+            sock.sendall(b"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         b"Content-Length: 1000000\r\n\r\n--b\r\n")
+            socks.append(sock)
+        for _ in range(5):
+            started = time.monotonic()
+            assert proxy.get("/health", source="127.0.14.1")[0] == 200 and time.monotonic() - started < 1.0
+        assert _incoming(srv) == []  # no upload reached Sandrun
+        bystander.check()
+        limited = [proxy.get("/health", source="127.0.15.1")[0] for _ in range(60)]  # past 20/s with a burst of 40
+        assert 429 in limited and 200 in limited, limited
+        status, body = proxy.get("/nope", source="127.0.15.1")
+        assert status in (404, 429) and "error" in json.loads(body), (status, body)
+    finally:
+        for sock in socks:
+            sock.close()
+        proxy.stop()
+        srv.stop()
