@@ -16,11 +16,12 @@ Processes and data flow
       |- HTTP workers (user SANDRUN_HTTP_USER, threads): parse, validate, rate
       |    limit, write each job to STATE/http/queue/, wake the runner.
       `- runner keeper (root) -> runner (root, single-threaded)
-           claims jobs FIFO, forks one jail per job, supervises all of them in
-           one selector loop, writes results to STATE/runner/jobs/<id>/.
+           claims jobs FIFO, gets one jail per job from its jail factory
+           (forked first, before it reads any job), supervises all of them
+           in one selector loop, writes results to STATE/runner/jobs/<id>/.
 
     client --HTTP--> worker --STATE/http/queue/<seq>.<id>/--> runner
-    runner --clone--> C2 = pid 1 of new namespaces, then of the jail's cgroup:
+    factory --clone--> C2 = pid 1 of new namespaces (the runner's child), then of the jail's cgroup:
     mounts, pivot_root, network, then drops privileges and loads seccomp;
     built ahead ("spare"), it then waits for its job; given one, unpacks it
     as the job's user, spawns C3, which execs the interpreter, and stays as
@@ -37,7 +38,9 @@ Invariants
       live in STATE_DIR, a size-capped tmpfs; client addresses appear only as
       keyed hashes whose key lives in memory.
     * Logs carry one key=value line per job transition; never job content,
-      never a client address.
+      never a client address; an exception is logged by its type and place.
+    * One job's failure ends that job, never the runner (Runner._guard), and
+      what a job or a client controls costs bounded, linear work.
 
 Contents (grep -n '^# [0-9]')
     1. Settings and limits      5. Sandbox: kernel, seccomp, cgroups, jail
@@ -965,15 +968,16 @@ def multipart_boundary(req):
 #   http/    owned by HTTP_USER, written only by workers; its flock serialises
 #            submit, delete and claim (StateLock):
 #     seq                  the last queue sequence number
-#     incoming/<id>/       a submission being written (request.json, payload.tar)
+#     incoming/<id>/       a submission being written: owner ("pid start reserved client",
+#                          upload_admit), part (the file part being read), payload.tar, request.json
 #     queue/<seq>.<id>/    a queued job; FIFO order is the sorted names
-#     clients/<key>.json   per client: recent submit times, active job ids
+#     clients/<key>.json   per client: recent submit times
 #     deleted/<id>         a DELETE the runner has yet to carry out
 #     metrics/<pid>.json   each worker's counters (GET /metrics adds them up)
-#     tmp/                 multipart spill files
-#   runner/  owned by root, written only by the runner:
+#     tmp/                 where /health proves the state is writable
+#   runner/  root:HTTP_USER 0750, written only by the runner:
 #     wake.sock            datagram socket: workers poke the runner here
-#     alive                heartbeat, touched every second
+#     alive                the runner's pid, in a page the master allocated; touched every second
 #     load.json            {"running": n}
 #     metrics.json         the runner's counters and histograms, across its restarts
 #     charges/<key>        "level time": the client's CPU bucket (cpu_bucket); none while full
@@ -1130,12 +1134,10 @@ def tree_remove(parent_fd, name):
             for entry in entries:
                 try:
                     sub = os.open(entry, _DIR, dir_fd=top)
-                except (NotADirectoryError, FileNotFoundError) as exc:
-                    if isinstance(exc, NotADirectoryError):
-                        os.unlink(entry, dir_fd=top)
+                except FileNotFoundError:
                     continue
                 except OSError as exc:
-                    if exc.errno != errno.ELOOP:  # a symlink: O_NOFOLLOW refused it
+                    if exc.errno not in (errno.ENOTDIR, errno.ELOOP):  # a file, or a link O_NOFOLLOW refused
                         raise
                     os.unlink(entry, dir_fd=top)
                     continue
@@ -1355,7 +1357,7 @@ def _upload_in_flight(incoming_fd, name):
 
 
 def upload_remove(incoming):
-    """Remove an upload's directory, whatever it holds, once it is queued or refused."""
+    """Remove an upload's or a queued job's directory, whatever it holds."""
     parent = os.open(os.path.dirname(incoming), _DIR)
     try:
         tree_remove(parent, os.path.basename(incoming))
@@ -1449,7 +1451,7 @@ def spool_delete(job_id):
             return False
         for seq, queued_id in queue_entries():
             if queued_id == job_id:
-                shutil.rmtree(state_path("http", "queue", f"{seq}.{job_id}"))
+                upload_remove(state_path("http", "queue", f"{seq}.{job_id}"))
         if _runner_status(job_id) is not None:
             os.close(os.open(state_path("http", "deleted", job_id), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
     runner_wake()
@@ -2625,6 +2627,7 @@ SPARE_JAILS = 2
 HEARTBEAT_S = 1.0  # how often the runner tells the keeper (and /health) it is alive
 COLLECT_SLICE_S = 0.02  # output collection runs this long at most between two looks at the rest
 COPY_CHUNK_BYTES = 1 * MiB  # one step of an output copy
+CPU_CHECK_S = 0.25  # how often a job with a CPU budget has its cgroup's CPU read
 
 
 def _open_beneath(parts, flags=_DIR):
@@ -2689,6 +2692,7 @@ class Job:
         self.wait_status = None  # once the jail is gone
         self.cpu_s = self.memory_peak = None
         self.oom_kills = 0
+        self.cpu_budget = None  # CPU seconds it may use, when its client's bucket holds less than its timeout
         self.collector = None  # the output collection under way: a generator, and when it must stop
         self.collect_deadline = 0.0
         self.collected = Collected()
@@ -2748,6 +2752,7 @@ class Runner:
         self.spare_retry = 0.0
         self.doomed = set()  # cgroups of ended jails still being emptied by the kernel
         self.buckets = {}  # client -> (CPU seconds in its bucket, when): what this runner charged
+        self.budgets_checked = 0.0
         self.unsaved = {}  # bookkeeping writes that met a full state tmpfs: name -> retry function
         self.waiting_for_space = False
 
@@ -2838,8 +2843,14 @@ class Runner:
     def _tick(self):
         now = time.monotonic()
         for job in list(self.jobs.values()):
-            if now >= job.deadline and job.forced_reason is None and job.handle is not None and not job.handle.reaped:
+            if job.forced_reason is not None or job.handle is None or job.handle.reaped:
+                continue
+            if now >= job.deadline:
                 self._guard(job, "timeout", self._kill, job, "timeout")
+            elif job.cpu_budget is not None and job.exec_done and now - self.budgets_checked >= CPU_CHECK_S:
+                self._guard(job, "cpu budget", self._cpu_check, job)
+        if now - self.budgets_checked >= CPU_CHECK_S:
+            self.budgets_checked = now
         if now >= self.next_scan:
             self.next_scan = now + SCAN_INTERVAL_S
             self._quietly("deletions", self._deletions)
@@ -3041,7 +3052,7 @@ class Runner:
         if job.setup_error is not None:
             self._ended(job)
             return
-        self._clip_timeout(job)
+        job.cpu_budget = self._cpu_budget(job)
         for fd in (1, 2):
             path = state_path("runner", "jobs", job.id, "stdout" if fd == 1 else "stderr")
             job.logs[fd] = JobLog(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644))
@@ -3248,12 +3259,14 @@ class Runner:
             ("record", lambda: None if job.deleted else self._write_final(job, "failed", reason="internal_error", finished=time.time())),
         )  # fmt: skip
         job.collector = None
+        failed = set()
         for what, part in parts:
             try:
                 part()
             except Exception as exc:
                 log_failure("job_abort_step_failed", exc, job=job.id, step=what)
-        if job.deleted:
+                failed.add(what)
+        if job.deleted or "record" in failed:  # no record of it may stay "running"
             self._quietly("erase", self._erase, job.id)
         self.jobs.pop(job.id, None)
         log.info("job=%s state=failed reason=internal_error detail=runner_step_failed", job.id)
@@ -3371,15 +3384,19 @@ class Runner:
         finally:
             os.close(charges_fd)
 
-    def _clip_timeout(self, job):
-        """A job runs no longer than its client's bucket holds, less what its other running jobs may
-        still use (one CPU each, up to their deadlines); at least a second."""
+    def _cpu_budget(self, job):
+        """The CPU a starting job may use: what its client's bucket holds, less what the client's
+        other running jobs may still use (one CPU each, up to their deadlines); at least a second.
+        None when that is no less than its timeout, which caps its CPU anyway."""
         others = sum(max(0.0, j.deadline - time.monotonic()) for j in self.jobs.values()
                      if j is not job and j.client == job.client and j.handle is not None and not j.handle.reaped)  # fmt: skip
-        timeout = max(1.0, min(job.manifest["timeout"], self._bucket(job.client, time.time()) - others))
-        if timeout < job.manifest["timeout"]:
-            job.manifest["timeout"] = round(timeout, 3)
-            job.deadline = job.started + job.manifest["timeout"]
+        budget = max(1.0, self._bucket(job.client, time.time()) - others)
+        return budget if budget < job.manifest["timeout"] else None
+
+    def _cpu_check(self, job):
+        """End a job that has used its CPU budget (reason cpu_limit); its wall-clock timeout stays."""
+        if self.cgroups.cpu_seconds(job.handle.cgroup) >= job.cpu_budget:
+            self._kill(job, "cpu_limit")
 
     # 6.6 Deletion, expiry and shutdown
 
@@ -4467,9 +4484,12 @@ def _is_mount_point(path, fstype):
 
 
 def _state_empty():
-    for name in os.listdir(STATE_DIR):
-        path = os.path.join(STATE_DIR, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+    state_fd = os.open(STATE_DIR, _DIR)
+    try:
+        for name in os.listdir(state_fd):
+            tree_remove(state_fd, name)
+    finally:
+        os.close(state_fd)
 
 
 def state_prepare():

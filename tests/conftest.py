@@ -253,6 +253,17 @@ def leftovers(server):
     return found
 
 
+def fill(path):
+    """Write `path` until its file system is full, as root (past any reserve): ENOSPC ends it."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"f" * (1 << 20))
+                f.flush()
+        except OSError:
+            return
+
+
 class Bystander:
     """A victim job of another client, and /health asked from a third address while an attack runs."""
 

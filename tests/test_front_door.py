@@ -16,7 +16,7 @@ import time
 import zipfile
 
 import pytest
-from conftest import SUITE_ENV, Bystander, Server, make_tar, multipart
+from conftest import SUITE_ENV, Bystander, Server, fill, make_tar, multipart
 
 import sandrun
 
@@ -269,13 +269,7 @@ def test_a_full_state_is_a_503_at_every_step():
     srv = Server(SMALL, "full-intake").start()
     filler = os.path.join(srv.state_dir, "http", "tmp", "filler")
     try:
-        with open(filler, "wb") as f:
-            try:
-                while True:
-                    f.write(b"f" * (1 << 20))
-                    f.flush()
-            except OSError:
-                pass
+        fill(filler)
         body, ctype = multipart({"manifest": json.dumps({"entrypoint": "main.py"})}, [("main.py", b"print(1)")])
         status, headers, data = srv.request("POST", "/submit", body, {"Content-Type": ctype})
         assert (status, json.loads(data)["error"]) == (503, "storage full") and "retry-after" in headers, data

@@ -12,7 +12,7 @@ import signal
 import time
 
 import pytest
-from conftest import SUITE_ENV, Bystander, Server, descendants
+from conftest import SUITE_ENV, Bystander, Server, descendants, fill
 
 import sandrun
 
@@ -288,13 +288,7 @@ def test_a_full_state_ends_jobs_not_the_runner():
         deadline = time.monotonic() + 30
         while srv.json("GET", f"/logs/{job_id}")[2]["stdout"] != "up\n" and time.monotonic() < deadline:
             time.sleep(0.05)
-        with open(filler, "wb") as f:  # as root, past the tmpfs's free space: it stops at ENOSPC
-            try:
-                while True:
-                    f.write(b"f" * (1 << 20))
-                    f.flush()
-            except OSError:
-                pass
+        fill(filler)
         doc = srv.wait(job_id)
         assert (doc["status"], doc["reason"]) in (("failed", "output_limit"), ("failed", "internal_error")), doc
         assert srv.json("GET", f"/logs/{job_id}")[0] == 200
@@ -359,7 +353,7 @@ def _memory_holds(pid, needle):
 
 def test_spare_jails_hold_nothing_of_running_jobs(server):
     secret = "secret-" + os.urandom(12).hex()
-    job_id = server.submit_code(f"import time\nprint('up', flush=True)\ntime.sleep(30)", wait=0, env={"MARK": secret}, stdin=secret)["job_id"]
+    job_id = server.submit_code("import time\nprint('up', flush=True)\ntime.sleep(30)", wait=0, env={"MARK": secret}, stdin=secret)["job_id"]
     deadline = time.monotonic() + 30
     while server.json("GET", f"/logs/{job_id}")[2]["stdout"] != "up\n":
         assert time.monotonic() < deadline
