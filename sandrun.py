@@ -2692,7 +2692,7 @@ class Job:
         self.wait_status = None  # once the jail is gone
         self.cpu_s = self.memory_peak = None
         self.oom_kills = 0
-        self.cpu_budget = None  # CPU seconds it may use, when its client's bucket holds less than its timeout
+        self.cpu_budget = None  # CPU seconds it may use, when it started beside others of its client (_cpu_budget)
         self.collector = None  # the output collection under way: a generator, and when it must stop
         self.collect_deadline = 0.0
         self.collected = Collected()
@@ -3385,12 +3385,14 @@ class Runner:
             os.close(charges_fd)
 
     def _cpu_budget(self, job):
-        """The CPU a starting job may use: what its client's bucket holds, less what the client's
-        other running jobs may still use (one CPU each, up to their deadlines); at least a second.
-        None when that is no less than its timeout, which caps its CPU anyway."""
-        others = sum(max(0.0, j.deadline - time.monotonic()) for j in self.jobs.values()
-                     if j is not job and j.client == job.client and j.handle is not None and not j.handle.reaped)  # fmt: skip
-        budget = max(1.0, self._bucket(job.client, time.time()) - others)
+        """The CPU a job that starts beside others of its client may use: what the bucket holds,
+        less what those may still use (one CPU each, up to their deadlines), at least a second.
+        None for a client's only job (it is the "one job's worth" the quota allows beyond the
+        bucket), or when its timeout caps its CPU anyway."""
+        others = [j for j in self.jobs.values() if j is not job and j.client == job.client and j.handle is not None and not j.handle.reaped]
+        if not others:
+            return None
+        budget = max(1.0, self._bucket(job.client, time.time()) - sum(max(0.0, j.deadline - time.monotonic()) for j in others))
         return budget if budget < job.manifest["timeout"] else None
 
     def _cpu_check(self, job):

@@ -51,13 +51,14 @@ def test_jobs_per_hour(default_server):
 
 
 def test_cpu_seconds_per_minute(default_server):
-    """A job that would use more CPU than its client's bucket holds is stopped at what the bucket holds."""
     srv = default_server
     burn = "import time\nend = time.process_time() + 10.5\nwhile time.process_time() < end: pass"
     status, _, doc = srv.json("POST", "/submit?wait=60", {"code": burn, "interpreter": "python3"}, "127.0.0.7")
-    assert (status, doc["reason"]) == (200, "cpu_limit") and 9.9 <= doc["execution_metadata"]["cpu_seconds"] <= 11.5, doc
+    assert status == 200 and doc["execution_metadata"]["cpu_seconds"] >= 10, doc  # a client's only job runs whole
+    status, headers, doc = submit(srv, "pass", "127.0.0.7")
+    assert status == 429 and doc["reason"] == "cpu_seconds_per_minute" and 1 <= doc["retry_after"] <= 60, doc
     _, _, stats = srv.json("GET", "/stats", source="127.0.0.7")
-    assert stats["your_quota"]["cpu_seconds_used"] >= 8  # what the bucket refilled while the job ran is back
+    assert stats["your_quota"]["cpu_seconds_used"] >= 10
 
 
 def test_forwarded_for_is_ignored_from_untrusted_peers(default_server):
@@ -172,19 +173,19 @@ def test_a_bad_proxy_list_stops_the_server():
 
 
 def test_the_cpu_quota_bounds_cpu_even_with_concurrent_jobs():
-    """A token bucket: two CPU-burning jobs started at once together get what the bucket holds
-    (each job's CPU budget is what is left of it), the next submission waits for the bucket to refill."""
+    """A token bucket: of two CPU-burning jobs started at once, the first is the one job's worth
+    the quota allows beyond the bucket; the second gets what is left of the bucket (at least a
+    second) and is stopped there; the next submission waits for the bucket to refill."""
     from conftest import Server
 
     srv = Server({"SANDRUN_RATE_CPU_S_PER_MIN": "6"}, "cpu").start()
     try:
-        burn = {"code": "while True: pass", "interpreter": "python3", "timeout": 60}
+        burn = {"code": "while True: pass", "interpreter": "python3", "timeout": 8}
         first = srv.json("POST", "/submit", burn)[2]
         second = srv.json("POST", "/submit", burn)[2]
         ends = [srv.wait(doc["job_id"]) for doc in (first, second)]
-        cpu = sum(doc["execution_metadata"]["cpu_seconds"] for doc in ends)
-        assert all(doc["reason"] == "cpu_limit" for doc in ends), ends
-        assert cpu <= 6 + 1 + 2, cpu  # the bucket, one job's minimum budget, and a second of slack per job
+        assert [doc["reason"] for doc in ends] == ["timeout", "cpu_limit"], ends
+        assert ends[1]["execution_metadata"]["cpu_seconds"] < 2.5, ends[1]  # a second, read four times a second
         status, headers, doc = srv.json("POST", "/submit", burn)
         assert (status, doc["reason"]) == (429, "cpu_seconds_per_minute"), doc
         assert 1 <= int(headers["retry-after"]) <= 60, headers
@@ -195,15 +196,14 @@ def test_the_cpu_quota_bounds_cpu_even_with_concurrent_jobs():
 
 
 def test_a_client_low_on_cpu_may_still_wait():
-    """The bucket caps CPU, not wall time: a job that sleeps is not stopped by an empty bucket."""
+    """A budget caps CPU, not wall time: a job that sleeps beside a running one is not cut short."""
     from conftest import Server
 
     srv = Server({"SANDRUN_RATE_CPU_S_PER_MIN": "2"}, "cpu-wait").start()
     try:
-        burn = srv.json("POST", "/submit?wait=60", {"code": "while True: pass", "interpreter": "python3"})[2]
-        assert burn["reason"] == "cpu_limit", burn
-        time.sleep(2)  # a little back in the bucket
-        doc = srv.json("POST", "/submit?wait=60", {"code": "import time; time.sleep(5); print('done')", "interpreter": "python3"})[2]
-        assert doc["status"] == "completed", doc
+        sleeper = srv.submit_code("import time; time.sleep(4)", wait=0)
+        doc = srv.json("POST", "/submit?wait=60", {"code": "import time; time.sleep(3); print('done')", "interpreter": "python3"})[2]
+        assert doc["status"] == "completed", doc  # its budget was a second of CPU; it used almost none
+        assert srv.wait(sleeper["job_id"])["status"] == "completed"
     finally:
         srv.stop()
