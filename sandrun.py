@@ -3934,7 +3934,7 @@ def handle_logs(req, job_id):
         raise _long_answer_refused("live log streams" if follow == "1" else "log and archive transfers")
     if follow == "1":
         stream = LogStream(job_id)
-        response = webob.Response(content_type="text/event-stream", charset="utf-8", app_iter=_SlotIter(stream, slots, client, stream.close))
+        response = webob.Response(content_type="text/event-stream", charset="utf-8", app_iter=_SlotIter(stream, slots, client))
         response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # nginx: pass it on at once
         return response
     files, sizes = {}, {}
