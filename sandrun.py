@@ -4092,6 +4092,7 @@ def openapi_document():
     null = lambda schema: {"oneOf": [schema, {"type": "null"}]}  # noqa: E731
     ref = lambda name: {"$ref": f"#/components/schemas/{name}"}  # noqa: E731
     string, integer, boolean, number = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {"type": "number"}
+    no_nul = {"type": "string", "pattern": "^[^\\u0000]*$"}
     obj = lambda props, required=None, more=False: {  # noqa: E731
         "type": "object", "properties": props, "required": sorted(props) if required is None else required, "additionalProperties": more}
     job_id = {"type": "string", "pattern": "^" + JOB_ID.pattern.removesuffix("\\Z") + "$"}
@@ -4100,11 +4101,14 @@ def openapi_document():
         "Error": obj({"error": string, "details": string, "retry_after": integer, "reason": string}, ["error", "details"]),
         "Manifest": obj({
             "entrypoint": {"type": "string", "description": "relative path of an uploaded file; required for multipart"},
-            "interpreter": {"type": "string", "description": "one of GET / interpreters; from the entrypoint's extension if absent"},
-            "args": {"type": "array", "items": string, "maxItems": ARGS_MAX},
-            "stdin": {"type": "string", "description": f"at most {STDIN_MAX_BYTES} bytes as UTF-8"},
-            "env": {"type": "object", "additionalProperties": string, "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}},
-            "outputs": {"type": "array", "items": string, "description": "globs; absent: every file the job created or changed"},
+            "interpreter": {"enum": sorted(INTERPRETERS), "description": "one of GET / interpreters; from the entrypoint's extension if absent"},
+            "args": {"type": "array", "items": no_nul, "maxItems": ARGS_MAX},
+            "stdin": {"type": "string", "maxLength": STDIN_MAX_BYTES // 4, "description": f"at most {STDIN_MAX_BYTES} bytes as UTF-8"},
+            "env": {"type": "object", "additionalProperties": no_nul, "maxProperties": ENV_VARS_MAX,
+                    "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}},
+            "outputs": {"type": "array", "maxItems": OUTPUT_GLOBS_MAX, "description": "globs; absent: every file the job created or changed",
+                        "items": {"type": "string", "minLength": 1, "maxLength": 256,
+                                  "pattern": f"^[^\\u0000*?]*([*?][^\\u0000*?]*){{0,{OUTPUT_GLOB_WILDCARDS_MAX}}}$"}},
             "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": JOB_TIMEOUT_S, "default": JOB_TIMEOUT_S},
             "memory_mb": {"type": "integer", "minimum": JOB_MEMORY_MIN_BYTES // MiB, "maximum": JOB_MEMORY_MAX_BYTES // MiB,
                           "default": JOB_MEMORY_MAX_BYTES // MiB},
@@ -4155,6 +4159,8 @@ def openapi_document():
             "description": "hold the answer up to this many seconds until the job has ended",
             "schema": {"type": "number", "minimum": 0, "maximum": WAIT_MAX_S}}  # fmt: skip
     job = {"name": "job_id", "in": "path", "required": True, "schema": job_id}
+    job_links = {name: {"operationId": name, "parameters": {"job_id": "$response.body#/job_id"}}
+                 for name in ("getStatus", "getLogs", "getOutputs", "getArchive", "deleteJob")}  # fmt: skip
     not_found = error("no such job (never, expired or deleted)")
     paths = {
         "/": {"get": {"summary": "Service info: interpreters, limits, queue", "responses": {"200": answer("info", ref("Info"))}}},
@@ -4162,36 +4168,39 @@ def openapi_document():
             "summary": "Submit a job", "parameters": [wait],
             "requestBody": {"required": True, "content": {
                 "application/json": {"schema": ref("CodeSubmission")},
-                "multipart/form-data": {"schema": {"type": "object", "required": ["manifest", "files"], "properties": {
+                "multipart/form-data": {"schema": {"type": "object", "required": ["manifest", "files"], "additionalProperties": False, "properties": {
                     "manifest": {"type": "string", "description": "the manifest, as JSON"},
                     "files": {"type": "array", "items": {"type": "string", "format": "binary"},
                               "description": "files, or tar/tgz/tbz2/txz/zip archives recognised by their bytes"}}}}}},
             "responses": {
-                "202": answer("queued", ref("Accepted"), headers={"Location": "/status/{job_id}"}),
+                "202": {**answer("queued", ref("Accepted"), headers={"Location": "/status/{job_id}"}), "links": job_links},
                 "200": answer("ended within ?wait", ref("Status")),
                 "400": error("bad manifest, upload or parameter"), "413": error(f"body over {UPLOAD_MAX_BYTES} bytes, or unpacks to too much"),
                 "415": error("not multipart/form-data or application/json"),
                 "429": error("the client's quota is used up", headers=retry), "503": error("queue or storage full", headers=retry)}}},
-        "/status/{job_id}": {"get": {"summary": "A job's status document", "parameters": [job, wait],
+        "/status/{job_id}": {"get": {"operationId": "getStatus", "summary": "A job's status document", "parameters": [job, wait],
                                      "responses": {"200": answer("status", ref("Status")), "400": error("bad parameter"), "404": not_found}}},
         "/logs/{job_id}": {"get": {
-            "summary": "stdout and stderr so far; ?follow=1 streams them as Server-Sent Events",
+            "operationId": "getLogs", "summary": "stdout and stderr so far; ?follow=1 streams them as Server-Sent Events",
             "parameters": [job, {"name": "follow", "in": "query", "required": False, "schema": {"enum": ["0", "1"]}}],
-            "responses": {"200": {"description": "logs; with follow=1, events stdout, stderr, then status",
-                                  "content": {"application/json": {"schema": ref("Logs")}, "text/event-stream": {"schema": string}}},
+            "responses": {"200": {"description": "logs; with follow=1, Server-Sent Events: 'stdout' and 'stderr' events whose data "
+                                                 "lines are the new text, then one 'status' event whose data is the Status document",
+                                  "content": {"application/json": {"schema": ref("Logs")},
+                                              "text/event-stream": {"schema": {"type": "object", "required": ["event", "data"], "properties": {
+                                                  "event": {"enum": ["stdout", "stderr", "status"]}, "data": string}}}}},
                           "400": error("bad parameter"), "404": not_found,
-                          "503": error("this worker streams as many logs as it may", headers=retry)}}},
-        "/outputs/{job_id}": {"get": {"summary": "A job's output files", "parameters": [job],
+                          "503": error("this client or worker has as many log answers as it may", headers=retry)}}},
+        "/outputs/{job_id}": {"get": {"operationId": "getOutputs", "summary": "A job's output files", "parameters": [job],
                                       "responses": {"200": answer("outputs", ref("Outputs")), "404": not_found}}},
-        "/download/{job_id}": {"get": {"summary": "All output files as one .tar.gz", "parameters": [job],
+        "/download/{job_id}": {"get": {"operationId": "getArchive", "summary": "All output files as one .tar.gz", "parameters": [job],
                                        "responses": {"200": answer("archive", {"type": "string", "format": "binary"}, "application/gzip"),
-                                                     "404": not_found}}},
+                                                     "404": not_found, "503": error("this client or worker has as many transfers as it may", headers=retry)}}},
         "/download/{job_id}/{path}": {"get": {
             "summary": "One output file, as an attachment",
             "parameters": [job, {"name": "path", "in": "path", "required": True, "schema": string}],
             "responses": {"200": answer("the file, with the media type its name suggests", {"type": "string", "format": "binary"}, "*/*"),
                           "404": error("no such job or file")}}},
-        "/jobs/{job_id}": {"delete": {"summary": "Kill the job if it runs and erase everything about it", "parameters": [job],
+        "/jobs/{job_id}": {"delete": {"operationId": "deleteJob", "summary": "Kill the job if it runs and erase everything about it", "parameters": [job],
                                       "responses": {"204": answer("erased"), "404": not_found}}},
         "/stats": {"get": {"summary": "The caller's quota and the queue", "responses": {"200": answer("stats", ref("Stats"))}}},
         "/metrics": {"get": {"summary": "Prometheus text: aggregates only",
