@@ -1152,6 +1152,15 @@ def tree_remove(parent_fd, name):
     os.rmdir(name, dir_fd=parent_fd)
 
 
+def path_remove(path):
+    """tree_remove() by path: the parent is one we made, the named entry may hold anything."""
+    parent = os.open(os.path.dirname(path), _DIR)
+    try:
+        tree_remove(parent, os.path.basename(path))
+    finally:
+        os.close(parent)
+
+
 def log_failure(event, exc, **fields):
     """Log an exception by its type and the place it was raised, never its message or
     arguments: those can carry job content, or paths that a job chose."""
@@ -1356,15 +1365,6 @@ def _upload_in_flight(incoming_fd, name):
     return reserved, written, client, _start_time(pid) == start
 
 
-def upload_remove(incoming):
-    """Remove an upload's or a queued job's directory, whatever it holds."""
-    parent = os.open(os.path.dirname(incoming), _DIR)
-    try:
-        tree_remove(parent, os.path.basename(incoming))
-    finally:
-        os.close(parent)
-
-
 def spool_submit(job_id, key, incoming):
     """Move a written submission into the queue, atomically with the limit checks.
 
@@ -1451,7 +1451,7 @@ def spool_delete(job_id):
             return False
         for seq, queued_id in queue_entries():
             if queued_id == job_id:
-                upload_remove(state_path("http", "queue", f"{seq}.{job_id}"))
+                path_remove(state_path("http", "queue", f"{seq}.{job_id}"))
         if _runner_status(job_id) is not None:
             os.close(os.open(state_path("http", "deleted", job_id), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
     runner_wake()
@@ -3347,11 +3347,7 @@ class Runner:
 
     def _drop_outputs(self, job):
         job.collected.files, job.collected.truncated = [], True
-        jobs_fd = os.open(state_path("runner", "jobs", job.id), _DIR)
-        try:
-            tree_remove(jobs_fd, "files")
-        finally:
-            os.close(jobs_fd)
+        path_remove(state_path("runner", "jobs", job.id, "files"))
 
     def _drop_results(self, job_id):
         """Remove a job's logs and outputs, keeping its directory and record."""
@@ -3423,14 +3419,9 @@ class Runner:
     def _erase(self, job_id):
         """Erase a job's results and its tombstone; `job_id` may be any name a worker wrote."""
         self.expiry.pop(job_id, None)
-        if JOB_ID.match(job_id):
-            jobs_fd = os.open(state_path("runner", "jobs"), _DIR)
-            try:
-                if os.path.lexists(state_path("runner", "jobs", job_id)):
-                    tree_remove(jobs_fd, job_id)
-                    log.info("job=%s state=erased", job_id)
-            finally:
-                os.close(jobs_fd)
+        if JOB_ID.match(job_id) and os.path.lexists(state_path("runner", "jobs", job_id)):
+            path_remove(state_path("runner", "jobs", job_id))
+            log.info("job=%s state=erased", job_id)
         deleted_fd = _open_beneath(["deleted"])
         try:
             tree_remove(deleted_fd, job_id)
@@ -3637,16 +3628,16 @@ TRANSFERS_MAX = max(1, HTTP_THREADS // 4)
 LONG_ANSWERS_PER_CLIENT = max(2, RATE_CONCURRENT_JOBS)
 
 
-class _LongAnswers:
-    """This worker's count of one kind of long answer, in all and per client."""
+class _Shares:
+    """This worker's count of something its threads hold, in all and per client, each with a cap."""
 
-    def __init__(self, limit):
-        self.limit, self.lock, self.clients = limit, threading.Lock(), collections.Counter()
+    def __init__(self, limit, per_client):
+        self.limit, self.per_client, self.lock, self.clients = limit, per_client, threading.Lock(), collections.Counter()
 
     def take(self, client):
-        """A slot for `client`, or False if this worker or this client has none left."""
+        """A share for `client`, or False if this worker or this client has none left."""
         with self.lock:
-            if sum(self.clients.values()) >= self.limit or self.clients[client] >= LONG_ANSWERS_PER_CLIENT:
+            if sum(self.clients.values()) >= self.limit or self.clients[client] >= self.per_client:
                 return False
             self.clients[client] += 1
             return True
@@ -3658,7 +3649,7 @@ class _LongAnswers:
                 del self.clients[client]
 
 
-_WAITS, _TRANSFERS = _LongAnswers(WAITS_MAX), _LongAnswers(TRANSFERS_MAX)
+_WAITS, _TRANSFERS = _Shares(WAITS_MAX, LONG_ANSWERS_PER_CLIENT), _Shares(TRANSFERS_MAX, LONG_ANSWERS_PER_CLIENT)
 
 
 def _long_answer_refused(what):
@@ -3838,7 +3829,7 @@ def handle_submit(req):
             raise _storage_full() from None
         raise
     finally:
-        upload_remove(incoming)  # queued, it was renamed away; refused, nothing of it stays
+        path_remove(incoming)  # queued, it was renamed away; refused, nothing of it stays
     metrics_count("sandrun_jobs_submitted_total")
     status_url = f"/status/{job_id}"
     if wait_s > 0:
@@ -4416,28 +4407,27 @@ _BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/
 
 
 class _Reads:
-    """The requests this worker's threads are reading: each one's deadline and address."""
+    """The requests this worker's threads are reading: each one's deadline, and each address's share."""
 
     def __init__(self):
-        self.lock, self.reading, self.addresses = threading.Lock(), {}, collections.Counter()
+        self.lock, self.reading = threading.Lock(), {}
+        self.addresses = _Shares(float("inf"), HTTP_THREADS_PER_ADDRESS)
 
     def begin(self, sock, address):
-        """A thread starts to read a request from `sock`; False if its address has its share."""
+        """A thread starts to read a request from `sock`; False if its address has its share.
+        `address` None (a UNIX socket: nginx, which reads requests first) has no cap."""
+        if address is not None and not self.addresses.take(address):
+            return False
         with self.lock:
-            if address is not None and self.addresses[address] >= HTTP_THREADS_PER_ADDRESS:
-                return False
-            self.addresses[address] += 1
             self.reading[sock] = (time.monotonic() + REQUEST_READ_S, address)
-            return True
+        return True
 
     def read(self, sock):
         """The request is read, or its thread is done: no deadline, and no longer its address's."""
         with self.lock:
-            entry = self.reading.pop(sock, None)
-            if entry is not None:
-                self.addresses[entry[1]] -= 1
-                if not self.addresses[entry[1]]:
-                    del self.addresses[entry[1]]
+            _, address = self.reading.pop(sock, (None, None))
+        if address is not None:
+            self.addresses.give(address)
 
     def watch(self):
         """A thread of each worker: shut a socket past its deadline, so that its blocked read ends."""
