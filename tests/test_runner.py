@@ -202,10 +202,13 @@ def test_poisoned_queue_entries_end_only_themselves(server):
     entries = {}
     for i, kind in enumerate(("not an object", "deep tree", "fifo", "symlink")):
         name = f"{i:016d}.job-{i:032x}"
-        path = os.path.join(queue, name)
+        # Built beside the queue and renamed in whole, as a worker queues: the runner
+        # must never see a half-built entry (it would erase it under our hands).
+        path = os.path.join(server.state_dir, "http", "tmp", name)
         entries[name] = kind
         if kind == "symlink":
             os.symlink("/etc", path)
+            os.rename(path, os.path.join(queue, name))
             continue
         os.mkdir(path)
         if kind == "not an object":
@@ -221,6 +224,7 @@ def test_poisoned_queue_entries_end_only_themselves(server):
                 os.close(fd)
                 fd = sub
             os.close(fd)
+        os.rename(path, os.path.join(queue, name))
     server.run("print('wake')")
     deadline = time.monotonic() + 30
     while set(os.listdir(queue)) & set(entries) and time.monotonic() < deadline:
