@@ -214,11 +214,13 @@ def test_forged_queue_entry_with_symlinked_payload_runs_nothing(server):
     """A compromised worker plants a queue entry whose payload is a link to a host file."""
     job_id = "job-" + "f" * 32
     entry = os.path.join(server.state_dir, "http", "queue", f"{9999999999999999:016d}.{job_id}")
-    os.mkdir(entry)
-    with open(os.path.join(entry, "request.json"), "w") as f:
+    staged = os.path.join(server.state_dir, "http", "tmp", job_id)  # renamed in whole, as a worker queues
+    os.mkdir(staged)
+    with open(os.path.join(staged, "request.json"), "w") as f:
         json.dump({"manifest": {"entrypoint": "x.sh", "interpreter": "bash"}, "client": "0" * 32, "created_ts": time.time()}, f)
-    os.symlink("/etc/shadow", os.path.join(entry, "payload.tar"))
-    os.chown(entry, 0, 0)
+    os.symlink("/etc/shadow", os.path.join(staged, "payload.tar"))
+    os.chown(staged, 0, 0)
+    os.rename(staged, entry)
     doc = server.wait(job_id, 30)
     assert (doc["status"], doc["reason"]) == ("failed", "internal_error"), doc
     _, _, logs = server.json("GET", f"/logs/{job_id}")
