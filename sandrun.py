@@ -81,6 +81,7 @@ import resource
 import secrets
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -1683,8 +1684,9 @@ def seccomp_load(bpf):
 
 # 5.3 cgroups: one small interface over v1 (a hierarchy per controller) and
 # v2 (one tree). Each job gets its own cgroup below the server's own, named
-# with a tag derived from STATE_DIR so two servers on one host never sweep
-# each other's jobs. Limits are read back after writing.
+# with a tag derived from the state directory's device and inode, so two
+# servers on one host never sweep each other's jobs, even with the same
+# SANDRUN_STATE_DIR in two mount namespaces. Limits are read back after writing.
 
 CGROUP_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 CPU_PERIOD_US = 100_000
@@ -1700,38 +1702,90 @@ def _read(path):
         return f.read()
 
 
-def cgroup_tag():
-    return "sandrun-" + hashlib.sha256(STATE_DIR.encode()).hexdigest()[:8]
+def cgroup_tag(state):
+    """The name of a server's cgroups, from the os.stat() of its (mounted) state directory."""
+    return "sandrun-" + hashlib.sha256(f"{state.st_dev}:{state.st_ino}".encode()).hexdigest()[:8]
+
+
+def cgroup_layout():
+    """The cgroup mounts ({"v2": point}, or {controller: point} on v1) and this process's own cgroup in each."""
+    mounts = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, right = line.split(" - ", 1)
+            fstype, _, options = right.split()[:3]
+            point = left.split()[4]
+            if fstype == "cgroup2" and point == "/sys/fs/cgroup":
+                mounts["v2"] = point
+            elif fstype == "cgroup":
+                for controller in options.split(","):
+                    if controller in CGROUP_CONTROLLERS:
+                        mounts[controller] = point
+    own = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for controller in controllers.split(",") if controllers else ["v2"]:
+                own[controller] = path
+    return mounts, own
+
+
+CGROUP_SCOPE_MARK = "SANDRUN_SCOPE_PID"  # set across the re-exec only; the server's children never see it
+
+
+def cgroup_delegate():
+    """Master, first: on cgroup v2, be alone in a cgroup that has memory, pids and cpu.
+
+    v2 lets a cgroup hand controllers to children only while it holds no process
+    of its own, so the master moves into a leaf ("http") below its cgroup; any
+    other process there (a login session's shell, `make`, pytest) forbids that.
+    Under systemd, the documented way out is a transient scope with Delegate=yes
+    around this process alone, asked of systemd as container managers do: exec
+    through `systemd-run --scope`, which keeps the pid, terminal and environment.
+    Elsewhere, refuse with the sharers' names and a command that works.
+    """
+    mounts, own = cgroup_layout()
+    reexecuted = os.environ.pop(CGROUP_SCOPE_MARK, None) == str(os.getpid())
+    if "v2" not in mounts:
+        return
+    base = mounts["v2"] + own["v2"].rstrip("/")
+    others = [pid for pid in _read(os.path.join(base, "cgroup.procs")).split() if int(pid) != os.getpid()]
+    missing = [c for c in ("memory", "pids", "cpu") if c not in _read(os.path.join(base, "cgroup.controllers")).split()]
+    if not others and not missing:
+        return
+    with open("/proc/self/cmdline", "rb") as f:
+        argv = [sys.executable] + [arg.decode(errors="surrogateescape") for arg in f.read().split(b"\0")[1:-1]]
+    systemd_run = shutil.which("systemd-run")
+    if systemd_run and os.path.isdir("/run/systemd/system") and not reexecuted:
+        log.info("event=cgroup_scope_reexec cgroup=%s other_processes=%d", own["v2"], len(others))
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.environ[CGROUP_SCOPE_MARK] = str(os.getpid())
+        os.execv(systemd_run, ["systemd-run", "--scope", "--quiet", "--collect", "-p", "Delegate=yes", "--", *argv])
+    if others:
+        names = [f"{pid} ({_read(f'/proc/{pid}/comm').strip() if os.path.exists(f'/proc/{pid}/comm') else '?'})" for pid in others[:8]]
+        why = f"is shared with {', '.join(names)}{f' and {len(others) - 8} more' if len(others) > 8 else ''}"
+    else:
+        why = f"lacks the controllers {', '.join(missing)}"
+    where = "even in the scope systemd-run made" if reexecuted else "and no systemd runs here to delegate a scope"
+    command = ("mkdir -p /sys/fs/cgroup/sandrun && echo '+memory +pids +cpu' > /sys/fs/cgroup/cgroup.subtree_control && "
+               f"sh -c 'echo $$ > /sys/fs/cgroup/sandrun/cgroup.procs && exec {shlex.join(argv)}'")  # fmt: skip
+    raise HostError(f"cgroups: {base} {why} ({where}); on cgroup v2 the server must be the only process of a cgroup "
+                    f"that has memory, pids and cpu. Start it alone in a cgroup of its own, for example: {command}")  # fmt: skip
 
 
 class Cgroups:
     """Detects the host's cgroup layout; creates, measures and removes job cgroups."""
 
     def __init__(self):
-        mounts = {}
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, right = line.split(" - ", 1)
-                fstype, _, options = right.split()[:3]
-                point = left.split()[4]
-                if fstype == "cgroup2" and point == "/sys/fs/cgroup":
-                    mounts["v2"] = point
-                elif fstype == "cgroup":
-                    for controller in options.split(","):
-                        if controller in CGROUP_CONTROLLERS:
-                            mounts[controller] = point
-        own = {}
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                _, controllers, path = line.rstrip("\n").split(":", 2)
-                for controller in controllers.split(",") if controllers else ["v2"]:
-                    own[controller] = path
+        mounts, own = cgroup_layout()
+        self.tag = cgroup_tag(os.stat(STATE_DIR))
         if "v2" in mounts:
             self.version = 2
             self.base = {"v2": mounts["v2"] + own["v2"].rstrip("/")}
         elif all(c in mounts for c in CGROUP_CONTROLLERS):
             self.version = 1
-            self.base = {c: os.path.join(mounts[c] + own[c].rstrip("/"), cgroup_tag()) for c in CGROUP_CONTROLLERS}
+            self.base = {c: os.path.join(mounts[c] + own[c].rstrip("/"), self.tag) for c in CGROUP_CONTROLLERS}
         else:
             missing = [c for c in CGROUP_CONTROLLERS if c not in mounts]
             raise HostError(f"cgroups: neither a cgroup2 tree at /sys/fs/cgroup nor v1 hierarchies for {missing}")
@@ -1761,11 +1815,14 @@ class Cgroups:
         try:
             _write(os.path.join(base, "cgroup.subtree_control"), "+memory +pids +cpu")
         except OSError as exc:
+            with contextlib.suppress(OSError):  # a failed start leaves nothing in the caller's cgroup
+                _write(os.path.join(base, "cgroup.procs"), str(os.getpid()))
+                os.rmdir(leaf)
             raise HostError(f"cgroups: cannot enable controllers in {base} ({exc.strerror}); it must hold no other processes (systemd Delegate=yes)") from None
 
     def job_dirs(self, name):
         if self.version == 2:
-            return [os.path.join(self.base["v2"], f"job-{cgroup_tag()}-{name}")]
+            return [os.path.join(self.base["v2"], f"job-{self.tag}-{name}")]
         return sorted({os.path.join(self.base[c], name) for c in CGROUP_CONTROLLERS})
 
     def _file(self, name, controller, filename):
@@ -1879,7 +1936,7 @@ class Cgroups:
     def sweep(self):
         """Remove job cgroups a dead runner left behind."""
         if self.version == 2:
-            prefix = f"job-{cgroup_tag()}-"
+            prefix = f"job-{self.tag}-"
             names = {n[len(prefix):] for n in os.listdir(self.base["v2"]) if n.startswith(prefix)}
         else:
             names = {e.name for path in self.base.values() if os.path.isdir(path) for e in os.scandir(path) if e.is_dir()}  # all ours
@@ -4563,6 +4620,10 @@ def server_start():
         grp.getgrnam(HTTP_USER)
     except KeyError:
         raise HostError(f"no user and group {HTTP_USER!r} for the HTTP workers (make setup creates them)") from None
+    try:
+        cgroup_delegate()  # may exec: before anything is opened, mounted or forked
+    except OSError as exc:
+        raise HostError(f"cgroups: {exc}") from None
     INTERPRETERS.clear()
     INTERPRETERS.update(interpreters_find())
     if not INTERPRETERS:

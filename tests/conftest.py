@@ -5,7 +5,6 @@ nothing leaked: no process of the server or of a job, no mount under the
 state directory, no job cgroup, no state entry.
 """
 
-import hashlib
 import http.client
 import io
 import json
@@ -36,6 +35,7 @@ def _free_port():
 class Server:
     def __init__(self, env_overrides, name):
         self.workdir = tempfile.mkdtemp(prefix=f"sandrun-{name}-")
+        self.cgroup_tag = None  # known once it serves: the tag names its state tmpfs's device and inode
         os.chmod(self.workdir, 0o755)  # the unprivileged HTTP workers must reach the state dir
         self.state_dir = os.path.join(self.workdir, "state")
         self.port = _free_port()
@@ -58,6 +58,7 @@ class Server:
             try:
                 status, _, body = self.request("GET", "/health")
                 if status == 200:
+                    self.cgroup_tag = sandrun.cgroup_tag(os.stat(self.state_dir))  # its tmpfs, mounted by now
                     return self
             except OSError:
                 pass  # not listening yet
@@ -228,7 +229,7 @@ def alive(pid):
 
 def leftovers(server):
     found = []
-    tag = "sandrun-" + hashlib.sha256(server.state_dir.encode()).hexdigest()[:8]
+    tag = server.cgroup_tag or "sandrun-never-served"
     with open("/proc/self/mountinfo") as f:
         found += [line.split()[4] for line in f if line.split()[4].startswith(server.workdir)]
     for pid in os.listdir("/proc"):

@@ -11,7 +11,7 @@ import signal
 import time
 
 import pytest
-from conftest import alive, descendants, proc_stat
+from conftest import ROOT, alive, descendants, proc_stat
 
 PROBE = os.path.join(os.path.dirname(__file__), "probes", "escape.py")
 
@@ -283,3 +283,20 @@ def test_a_second_server_on_the_same_state_dir_refuses_and_harms_nothing(server)
         second.start()
     assert server.json("GET", "/health")[0] == 200
     assert server.json("GET", f"/logs/{doc['job_id']}")[2]["stdout"] == "kept\n"
+
+
+def test_the_same_state_path_in_another_mount_namespace_never_sweeps_this_servers_jobs(server):
+    """A chroot or container may name the same SANDRUN_STATE_DIR: its server is another
+    instance, and its start and stop (a `check`) must leave this one's jobs and cgroups alone."""
+    import subprocess
+
+    job_id = server.start_sleeper(30)
+    jails = descendants(server.runner_pid())
+    script = ('umount -l "$SANDRUN_STATE_DIR" && exec .venv/bin/python sandrun.py check')  # its own, new tmpfs
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          cwd=ROOT, env=server.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "this host can jail jobs" in done.stdout
+    assert all(map(alive, jails)), "the other instance's check swept this server's jails"
+    doc = server.json("GET", f"/status/{job_id}")[2]
+    assert doc["status"] == "running", doc
