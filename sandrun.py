@@ -1982,8 +1982,10 @@ FACTORY_BUILD, FACTORY_BUILT = b"B", b"P"
 FACTORY_ANSWER_S = 10  # a clone takes milliseconds; past this the factory is stuck
 EXIT_JAIL_FAILED = 125  # a child's exit code when a jail step failed (the runner also gets the reason)
 JAIL_ROOT_SIZE = "1m"  # the root tmpfs holds only mount points and a few /etc files
-#: Host files the interpreters need, bound read-only into the jail's /etc when present.
-JAIL_ETC_BINDS = ("alternatives", "ld.so.cache", "localtime", "nsswitch.conf", "perl", "python3", "python3.11", "ssl")
+#: Host files the interpreters need, bound read-only into the jail's /etc when present
+#: (python3.N: each Python version's own, /etc/python3.11 on Debian 12, 3.13 on Debian 13).
+JAIL_ETC_BINDS = ("alternatives", "ld.so.cache", "localtime", "nsswitch.conf", "perl", "python3",
+                  *sorted(n for n in os.listdir("/etc") if re.fullmatch(r"python3\.\d+", n)), "ssl")  # fmt: skip
 #: Device nodes a program expects; bound from the host, never created (no mknod).
 JAIL_DEV_NODES = ("full", "null", "random", "urandom", "zero")
 #: What a job reads in /proc/1/cmdline: nothing of the host's command line or paths.
@@ -2830,8 +2832,7 @@ class Runner:
         self._recover()
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGTERM, self._on_stop)  # SIGINT stays ignored: a terminal's ^C is for the master
         self.selector.register(wake_r, selectors.EVENT_READ, ("signal", None))
         self.wake = self._wake_socket()
         self.selector.register(self.wake, selectors.EVENT_READ, ("wake", None))

@@ -407,6 +407,18 @@ def test_a_failed_step_ends_only_its_job(server):
 # Nothing outlives the master ---------------------------------------------------------
 
 
+def test_ctrl_c_stops_the_server_in_order():
+    """A terminal's ^C signals the whole foreground process group: only the master acts on it,
+    and it stops the runner itself; no part of the server treats it as a crash."""
+    srv = Server(SUITE_ENV, "ctrl-c").start()
+    job_id = srv.start_sleeper(60)
+    os.killpg(srv.proc.pid, signal.SIGINT)
+    srv.proc.wait(timeout=30)
+    log = srv.output()
+    srv.stop()  # exited already: this checks that nothing is left
+    assert "event=runner_died" not in log and "event=server_stopped" in log, (job_id, log)
+
+
 def test_nothing_outlives_a_killed_master_even_a_stuck_runner():
     import shutil
     import subprocess
