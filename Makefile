@@ -1,5 +1,5 @@
 # Sandrun: `make run` serves on 127.0.0.1:8443, `make test` runs the suite.
-# Both install what they need on a fresh Debian 12 machine, as root.
+# Both install what they need on a fresh Debian 12 or 13 machine, as root.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -10,8 +10,10 @@ SHELL := /bin/bash
 PYTHON := /usr/bin/python3
 VENV := .venv
 APT_PACKAGES := bash gcc libcap-dev libseccomp2 python3-dev python3-venv
-# Only for make test: the curl examples, and the web page in a real browser.
-TEST_APT_PACKAGES := chromium curl jq
+# Only for make test: the curl examples, and the web page in a real browser
+# (Debian's chromium, unless a Chromium or Chrome is already there: see tests/test_page.py).
+CHROMIUM_FOUND := $(shell PATH="$$PATH:/snap/bin" command -v chromium chromium-browser google-chrome google-chrome-stable)
+TEST_APT_PACKAGES := curl jq $(if $(CHROMIUM_FOUND)$(SANDRUN_TEST_CHROMIUM),,chromium)
 HTTP_USER := sandrun
 
 ## Setup -------------------------------------------------------------------------
@@ -86,8 +88,9 @@ bench: setup .bench-apt.installed  ## Measure jail overhead, throughput, latency
 	$(VENV)/bin/python bench/bench.py
 
 ## Appliance image -------------------------------------------------------------
-# mkosi 24 runs from a bookworm-backports tools tree (build/tools, made once);
-# qemu boots the disk under UEFI (OVMF). See image/ and README "Run the appliance".
+# mkosi 25 and the image's Python 3.13 run from a Debian 13 tools tree
+# (build/tools, made once); qemu boots the disk under UEFI (OVMF).
+# See image/ and README "Run the appliance".
 
 IMAGE_APT_PACKAGES := debootstrap ovmf qemu-system-x86
 IMAGE_DIR := build/image
@@ -106,10 +109,13 @@ image: setup .image-apt.installed  ## Build the appliance disk image (build/imag
 	mkdir -p build/image-root/opt/sandrun build/image-root/etc/nginx/sites-available
 	cp sandrun.py sandrun.html gunicorn.conf.py README.md build/image-root/opt/sandrun/
 	cp image/nginx/sandrun.conf build/image-root/etc/nginx/sites-available/
-	# The very files make test ran with, built here for the image's python3 (the same 3.11 as /usr/bin/python3).
-	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-compile \
+	# The pinned versions make test ran with, built by the image's own Python (Debian 13's,
+	# in the tools tree): only what requirements.txt names, then proven to import.
+	image/tools build/tools python3 -m pip install -q --root-user-action=ignore --no-deps --no-compile \
 		--target build/image-root/opt/sandrun/lib -r requirements.txt
-	image/mkosi-tools build/tools --directory image --force \
+	image/tools build/tools env PYTHONPATH=build/image-root/opt/sandrun/lib:build/image-root/opt/sandrun \
+		python3 -c 'import sandrun, cgi, gunicorn, prctl, pyseccomp, webob'
+	image/tools build/tools mkosi --directory image --force \
 		--extra-tree $(CURDIR)/build/image-root --output-dir $(CURDIR)/$(IMAGE_DIR) \
 		--image-version $(VERSION) --source-date-epoch $(SOURCE_DATE_EPOCH) \
 		--incremental --cache-dir $(CURDIR)/build/mkosi-cache build
@@ -122,6 +128,19 @@ image-boot: .image-apt.installed  ## Boot the image under qemu; nginx on 127.0.0
 .PHONY: image-test
 image-test: image  ## Build, boot, and run the smoke suite against the appliance
 	$(VENV)/bin/python -m pytest -p no:cacheprovider -W "ignore:'cgi' is deprecated:DeprecationWarning" -v tests/appliance_smoke.py
+
+## Stock hosts -------------------------------------------------------------------
+# Plain Debian 13 and 12 VMs (systemd, cgroup v2, no Sandrun unit) with this checkout
+# in them: make run typed into root's login shell on the console. See tests/host/.
+HOST_RELEASES ?= trixie bookworm
+
+.PHONY: host-test
+host-test: setup .image-apt.installed  ## Boot stock Debian 13 and 12 VMs, make run in a login shell, test it
+	for release in $(HOST_RELEASES); do \
+		tests/host/build-vm build/host/$$release $$release; \
+		SANDRUN_HOST_VM=build/host/$$release $(VENV)/bin/python -m pytest -p no:cacheprovider \
+			-W "ignore:'cgi' is deprecated:DeprecationWarning" -v tests/host_smoke.py; \
+	done
 
 ## Housekeeping ------------------------------------------------------------------
 

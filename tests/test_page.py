@@ -1,6 +1,7 @@
-"""The web page on GET /, in a real headless Chromium (Debian's) driven by Playwright."""
+"""The web page on GET /, in a real headless Chromium (the distribution's) driven by Playwright."""
 
 import os
+import shutil
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
@@ -11,10 +12,22 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 
 
+#: Where distributions put Chromium (Debian: chromium; Ubuntu: a snap, /snap/bin/chromium), or Chrome.
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def chromium():
+    """SANDRUN_TEST_CHROMIUM, or the first of CHROMIUM_NAMES on PATH (and /snap/bin)."""
+    path = os.environ.get("PATH", "") + os.pathsep + "/snap/bin"
+    found = os.environ.get("SANDRUN_TEST_CHROMIUM") or next(filter(None, (shutil.which(n, path=path) for n in CHROMIUM_NAMES)), None)
+    assert found, f"no Chromium: install one of {', '.join(CHROMIUM_NAMES)}, or set SANDRUN_TEST_CHROMIUM to its path"
+    return found
+
+
 @pytest.fixture(scope="module")
 def browser():
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 
