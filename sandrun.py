@@ -1926,12 +1926,20 @@ class Cgroups:
             time.sleep(0.01)
 
     def release(self):
-        """Master, on exit: remove the v1 base directories once the runner is gone."""
+        """Master, on exit, once the runner is gone: undo prepare(), so a stopped or failed
+        server leaves no cgroup behind, whoever made the cgroup it was started in."""
+        self.sweep()
         if self.version == 1:
-            self.sweep()
             for path in self.base.values():
                 if os.path.isdir(path):
                     os.rmdir(path)
+            return
+        base = self.base["v2"]
+        if os.path.isdir(os.path.join(base, "http")):
+            with contextlib.suppress(OSError):  # a process still leaving the leaf: it goes with its cgroup's owner
+                _write(os.path.join(base, "cgroup.subtree_control"), "-memory -pids -cpu")
+                _write(os.path.join(base, "cgroup.procs"), str(os.getpid()))
+                os.rmdir(os.path.join(base, "http"))
 
     def sweep(self):
         """Remove job cgroups a dead runner left behind."""
