@@ -134,6 +134,11 @@ image-test: image  ## Build, boot, and run the smoke suite against the appliance
 # in them: make run typed into root's login shell on the console. See tests/host/.
 HOST_RELEASES ?= trixie bookworm
 
+.PHONY: trixie-test
+trixie-test: .image-apt.installed  ## make test in a Debian 13 chroot: its Python 3.13, node and Chromium, this kernel
+	tests/host/build-vm build/host/trixie trixie
+	tests/host/suite-in build/host/trixie/tree build/suite-trixie
+
 .PHONY: host-test
 host-test: setup .image-apt.installed  ## Boot stock Debian 13 and 12 VMs, make run in a login shell, test it
 	for release in $(HOST_RELEASES); do \
@@ -150,4 +155,4 @@ clean:  ## Remove the venv, stamps and build/ (the image and its tools tree)
 
 .PHONY: help
 help:  ## List the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'

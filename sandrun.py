@@ -1763,15 +1763,22 @@ def cgroup_delegate():
         os.environ[CGROUP_SCOPE_MARK] = str(os.getpid())
         os.execv(systemd_run, ["systemd-run", "--scope", "--quiet", "--collect", "-p", "Delegate=yes", "--", *argv])
     if others:
-        names = [f"{pid} ({_read(f'/proc/{pid}/comm').strip() if os.path.exists(f'/proc/{pid}/comm') else '?'})" for pid in others[:8]]
+        names = [f"{pid} ({_comm(pid)})" for pid in others[:8]]
         why = f"is shared with {', '.join(names)}{f' and {len(others) - 8} more' if len(others) > 8 else ''}"
     else:
         why = f"lacks the controllers {', '.join(missing)}"
     where = "even in the scope systemd-run made" if reexecuted else "and no systemd runs here to delegate a scope"
     command = ("mkdir -p /sys/fs/cgroup/sandrun && echo '+memory +pids +cpu' > /sys/fs/cgroup/cgroup.subtree_control && "
-               f"sh -c 'echo $$ > /sys/fs/cgroup/sandrun/cgroup.procs && exec {shlex.join(argv)}'")  # fmt: skip
+               f"sh -c 'echo $$ > /sys/fs/cgroup/sandrun/cgroup.procs && exec \"$@\"' sh {shlex.join(argv)}")  # fmt: skip
     raise HostError(f"cgroups: {base} {why} ({where}); on cgroup v2 the server must be the only process of a cgroup "
                     f"that has memory, pids and cpu. Start it alone in a cgroup of its own, for example: {command}")  # fmt: skip
+
+
+def _comm(pid):
+    try:
+        return _read(f"/proc/{pid}/comm").strip()
+    except OSError:
+        return "gone"  # exited while we looked
 
 
 class Cgroups:
