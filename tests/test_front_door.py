@@ -16,7 +16,7 @@ import time
 import zipfile
 
 import pytest
-from conftest import SUITE_ENV, Bystander, Server, fill, make_tar, multipart
+from conftest import SUITE_ENV, Bystander, Server, alive, fill, make_tar, multipart
 
 import sandrun
 
@@ -252,6 +252,9 @@ def test_a_dead_workers_upload_is_swept(front):
             worker = int(f.read().split()[0])
         os.kill(worker, 9)  # as the OOM killer or a timeout kill would
         deadline = time.monotonic() + 30
+        while alive(worker):  # a dying process is still alive (its threads are leaving); dead is the case
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         while True:  # gunicorn starts a new worker; the next upload sweeps the dead one's
             try:
                 if front.json("POST", "/submit?wait=30", {"code": "1", "interpreter": "python3"}, source="127.0.3.2")[0] == 200:
