@@ -13,7 +13,9 @@ APT_PACKAGES := bash gcc libcap-dev libseccomp2 python3-dev python3-venv
 # Only for make test: the curl examples, and the web page in a real browser
 # (Debian's chromium, unless a Chromium or Chrome is already there: see tests/test_page.py).
 CHROMIUM_FOUND := $(shell PATH="$$PATH:/snap/bin" command -v chromium chromium-browser google-chrome google-chrome-stable)
-TEST_APT_PACKAGES := curl jq $(if $(CHROMIUM_FOUND)$(SANDRUN_TEST_CHROMIUM),,chromium)
+# What jobs import from the host's /usr, for tests/test_data_stack.py (OpenBLAS: the threaded BLAS users get).
+DATA_STACK_PACKAGES := python3-numpy python3-pandas python3-matplotlib python3-scipy python3-pil python3-sympy libopenblas0-pthread
+TEST_APT_PACKAGES := curl jq $(if $(CHROMIUM_FOUND)$(SANDRUN_TEST_CHROMIUM),,chromium) $(DATA_STACK_PACKAGES)
 HTTP_USER := sandrun
 
 ## Setup -------------------------------------------------------------------------
@@ -35,7 +37,7 @@ endef
 	$(call apt_install,$(APT_PACKAGES) $(if $(shell command -v node),,nodejs))
 	touch $@
 
-.test-apt.installed:
+.test-apt.installed: Makefile
 	$(call apt_install,$(TEST_APT_PACKAGES))
 	touch $@
 

@@ -1998,9 +1998,19 @@ FACTORY_ANSWER_S = 10  # a clone takes milliseconds; past this the factory is st
 EXIT_JAIL_FAILED = 125  # a child's exit code when a jail step failed (the runner also gets the reason)
 JAIL_ROOT_SIZE = "1m"  # the root tmpfs holds only mount points and a few /etc files
 #: Host files the interpreters need, bound read-only into the jail's /etc when present
-#: (python3.N: each Python version's own, /etc/python3.11 on Debian 12, 3.13 on Debian 13).
-JAIL_ETC_BINDS = ("alternatives", "ld.so.cache", "localtime", "nsswitch.conf", "perl", "python3",
+#: (python3.N: each Python version's own, /etc/python3.11 on Debian 12, 3.13 on Debian 13;
+#: matplotlibrc: Debian's matplotlib will not import without it; fonts: fontconfig's).
+JAIL_ETC_BINDS = ("alternatives", "fonts", "ld.so.cache", "localtime", "matplotlibrc", "nsswitch.conf", "perl", "python3",
                   *sorted(n for n in os.listdir("/etc") if re.fullmatch(r"python3\.\d+", n)), "ssl")  # fmt: skip
+#: Every job's environment, under the manifest's `env`, which may override any of it. BLAS and
+#: OpenMP get one thread each: they would start one per host CPU, against pids.max. matplotlib
+#: gets a backend without a display and a writable config directory.
+JOB_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "LANG": "C.UTF-8", "TMPDIR": "/tmp", "USER": "sandbox",
+    "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+    "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    "MPLBACKEND": "Agg", "MPLCONFIGDIR": "/tmp/matplotlib",
+}  # fmt: skip
 #: Device nodes a program expects; bound from the host, never created (no mknod).
 JAIL_DEV_NODES = ("full", "null", "random", "urandom", "zero")
 #: What a job reads in /proc/1/cmdline: nothing of the host's command line or paths.
@@ -2024,10 +2034,7 @@ class JailSpec:
             # Node sizes its heap from host RAM, not the cgroup: without this it is OOM-killed instead of throwing.
             self.argv.append(f"--max-old-space-size={max(8, manifest['memory_mb'] * 3 // 4)}")
         self.argv += [manifest["entrypoint"], *manifest["args"]]
-        self.env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "LANG": "C.UTF-8", "TMPDIR": "/tmp",
-            "USER": "sandbox", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", **manifest["env"],
-        }  # fmt: skip
+        self.env = {**JOB_ENV, **manifest["env"]}
         self.stdin = manifest["stdin"].encode("utf-8", "surrogatepass")
 
 
