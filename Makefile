@@ -15,7 +15,7 @@ APT_PACKAGES := bash gcc libcap-dev libseccomp2 python3-dev python3-venv
 CHROMIUM_FOUND := $(shell PATH="$$PATH:/snap/bin" command -v chromium chromium-browser google-chrome google-chrome-stable)
 # What jobs import from the host's /usr, for tests/test_data_stack.py (OpenBLAS: the threaded BLAS users get).
 DATA_STACK_PACKAGES := python3-numpy python3-pandas python3-matplotlib python3-scipy python3-pil python3-sympy libopenblas0-pthread
-TEST_APT_PACKAGES := curl jq $(if $(CHROMIUM_FOUND)$(SANDRUN_TEST_CHROMIUM),,chromium) $(DATA_STACK_PACKAGES)
+TEST_APT_PACKAGES := curl g++ jq $(if $(CHROMIUM_FOUND)$(SANDRUN_TEST_CHROMIUM),,chromium) $(DATA_STACK_PACKAGES)
 HTTP_USER := sandrun
 
 ## Setup -------------------------------------------------------------------------

@@ -369,12 +369,24 @@ INTERPRETER_CANDIDATES = {
     "ruby": (".rb", ["--version"]),
     "php": (".php", ["--version"]),
     "lua": (".lua", ["-v"]),
+    "c": (".c", ["--version"]),
+    "cpp": (".cpp", ["--version"]),
 }
 #: Entrypoint extension -> interpreter, when the manifest names none.
 EXTENSION_INTERPRETERS = {
     ".py": "python3", ".js": "node", ".mjs": "node", ".cjs": "node", ".sh": "bash",
     ".pl": "perl", ".rb": "ruby", ".php": "php", ".lua": "lua",
+    ".c": "c", ".cc": "cpp", ".cpp": "cpp", ".cxx": "cpp",
 }  # fmt: skip
+#: Languages that compile, inside the jail, before they run: name -> (compiler, flags before the
+#: sources, the job's sources of that language, flags after). The program is PROGRAM_PATH.
+COMPILERS = {
+    "c": ("gcc", ["-std=gnu17", "-O2", "-Wall", "-pipe"], (".c",), ["-lm"]),
+    "cpp": ("g++", ["-std=gnu++20", "-O2", "-Wall", "-pipe"], (".cc", ".cpp", ".cxx"), ["-lm"]),
+}
+PROGRAM_PATH = "/tmp/program"
+#: At most this many sources are compiled, found at most this deep below /work.
+COMPILE_SOURCES_MAX, COMPILE_DEPTH_MAX = 256, 16
 #: What this host can run: name -> {"path", "version"}; filled in the master at start.
 INTERPRETERS = {}
 
@@ -2029,11 +2041,18 @@ class JailSpec:
         self.memory_bytes = manifest["memory_mb"] * MiB
         self.timeout_s = manifest["timeout"]
         interpreter = INTERPRETERS[manifest["interpreter"]]
-        self.argv = [interpreter["path"]]
-        if manifest["interpreter"] == "node":
-            # Node sizes its heap from host RAM, not the cgroup: without this it is OOM-killed instead of throwing.
-            self.argv.append(f"--max-old-space-size={max(8, manifest['memory_mb'] * 3 // 4)}")
-        self.argv += [manifest["entrypoint"], *manifest["args"]]
+        self.compile = None
+        if manifest["interpreter"] in COMPILERS:
+            _, before, extensions, after = COMPILERS[manifest["interpreter"]]
+            self.compile = {"argv": [interpreter["path"], *before], "entrypoint": manifest["entrypoint"],
+                            "extensions": extensions, "after": ["-o", PROGRAM_PATH, *after]}  # fmt: skip
+            self.argv = [PROGRAM_PATH, *manifest["args"]]
+        else:
+            self.argv = [interpreter["path"]]
+            if manifest["interpreter"] == "node":
+                # Node sizes its heap from host RAM, not the cgroup: without this it is OOM-killed instead of throwing.
+                self.argv.append(f"--max-old-space-size={max(8, manifest['memory_mb'] * 3 // 4)}")
+            self.argv += [manifest["entrypoint"], *manifest["args"]]
         self.env = {**JOB_ENV, **manifest["env"]}
         self.stdin = manifest["stdin"].encode("utf-8", "surrogatepass")
 
@@ -2205,7 +2224,8 @@ def jail_assign(handle, spec, cgroups):
     manifest is too large for one message. Raises JailError if the jail is gone.
     """
     cgroups.limit_memory(handle.cgroup, spec.memory_bytes)
-    description = _memfd("job", json.dumps({"argv": spec.argv, "env": spec.env, "timeout_s": spec.timeout_s}).encode())
+    description = _memfd("job", json.dumps({"argv": spec.argv, "env": spec.env, "timeout_s": spec.timeout_s,
+                                            "compile": spec.compile}).encode())
     stdin = _memfd("stdin", spec.stdin) if spec.stdin else os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
     try:
         socket.send_fds(handle.setup, [MSG_JOB], [description, spec.payload_fd, stdin])
@@ -2225,13 +2245,16 @@ def jail_discard(handle, cgroups):
     cgroups.kill_and_remove(handle.cgroup)
 
 
+JAIL_STATUS = struct.Struct("ii")  # jail init -> runner: the wait status, and 1 if it is the compiler's
+
+
 def jail_job_status(handle, init_status):
-    """Runner: the job's wait status as its init reported it, else the init's own (killed from outside)."""
+    """Runner: (wait status, compiler's) as the job's init reported it, else the init's own (killed from outside)."""
     try:
-        data = os.read(handle.status_r, 4)
+        data = os.read(handle.status_r, JAIL_STATUS.size)
     except BlockingIOError:
         data = b""
-    return struct.unpack("i", data)[0] if len(data) == 4 else init_status
+    return JAIL_STATUS.unpack(data) if len(data) == JAIL_STATUS.size else (init_status, 0)
 
 
 class _JailSteps:
@@ -2265,12 +2288,12 @@ def jail_enter(cgroups, cgroup, bpf, ends):
     step = _JailSteps()
     try:
         jail_prepare(cgroups, cgroup, bpf, ends, step)
-        job_pid, stdin_fd = jail_run(ends, step)
+        job_pid, stdin_fd, job = jail_run(ends, step)
     except BaseException as exc:
         ends.setup.send(MSG_FAILED + step.failure(exc).encode(errors="replace"))
         os._exit(EXIT_JAIL_FAILED)
     try:
-        jail_init(job_pid, ends, stdin_fd)
+        jail_init(job_pid, ends, stdin_fd, job)
     finally:
         os._exit(EXIT_JAIL_FAILED)
 
@@ -2399,28 +2422,68 @@ def jail_run(ends, step):
     _jail_fds(ends, stdin_fd)
     step("execve")
     # vfork and execve (posix_spawn): the job starts without a copy of this process.
-    pid = os.posix_spawn(job["argv"][0], job["argv"], job["env"], setsigmask=(), file_actions=[
-        (os.POSIX_SPAWN_DUP2, stdin_fd, 0), (os.POSIX_SPAWN_DUP2, ends.stdout_w, 1), (os.POSIX_SPAWN_DUP2, ends.stderr_w, 2)])
+    # A compiled language starts with its compiler, whose messages go to stderr; jail_init runs the program.
+    if job["compile"]:
+        argv = [*job["compile"]["argv"], *_jail_sources(job["compile"]), *job["compile"]["after"]]
+        pid = os.posix_spawn(argv[0], argv, job["env"], setsigmask=(), file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, ends.stderr_w, 1),
+            (os.POSIX_SPAWN_DUP2, ends.stderr_w, 2)])  # fmt: skip
+    else:
+        pid = _jail_spawn(job, ends, stdin_fd)
     ends.setup.send(MSG_STARTED)  # the job runs: a jail that dies before this line ran nothing
-    return pid, stdin_fd
+    return pid, stdin_fd, job
 
 
-def jail_init(job_pid, ends, stdin_fd):
+def _jail_spawn(job, ends, stdin_fd):
+    return os.posix_spawn(job["argv"][0], job["argv"], job["env"], setsigmask=(), file_actions=[
+        (os.POSIX_SPAWN_DUP2, stdin_fd, 0), (os.POSIX_SPAWN_DUP2, ends.stdout_w, 1), (os.POSIX_SPAWN_DUP2, ends.stderr_w, 2)])
+
+
+def _jail_sources(compile_job):
+    """The entrypoint, then the job's other sources of its language under /work, sorted: at most
+    COMPILE_SOURCES_MAX, at most COMPILE_DEPTH_MAX deep, never through a link."""
+    found, todo = [], [("", 0)]
+    while todo and len(found) < COMPILE_SOURCES_MAX:
+        folder, depth = todo.pop()
+        with os.scandir(folder or ".") as entries:
+            for entry in entries:
+                path = f"{folder}/{entry.name}" if folder else entry.name
+                if entry.is_dir(follow_symlinks=False) and depth < COMPILE_DEPTH_MAX:
+                    todo.append((path, depth + 1))
+                elif entry.is_file(follow_symlinks=False) and entry.name.endswith(tuple(compile_job["extensions"])):
+                    found.append(path)
+    entrypoint = compile_job["entrypoint"]
+    return [entrypoint, *sorted(p for p in found if p != entrypoint)[:COMPILE_SOURCES_MAX - 1]]
+
+
+def jail_init(job_pid, ends, stdin_fd, job):
     """C2 after the fork: the jail's init, unprivileged and under seccomp.
 
     Holds nothing of the job's: closes its ends of the output pipes and the
     setup socket (so the runner sees EOF when the job execs), reaps every
     child, and when the job ends hands its wait status to the runner and
-    exits, which makes the kernel kill whatever the job left running.
+    exits, which makes the kernel kill whatever the job left running. For a
+    compiled language the first child is the compiler: once it succeeds, the
+    program is spawned with the job's stdin and outputs, which are kept open
+    until then; if it fails, its status is what the runner gets.
     """
-    for fd in (ends.stdout_w, ends.stderr_w, ends.go_r, stdin_fd):
-        os.close(fd)
+    compiling = bool(job["compile"])
     ends.setup.close()
+    os.close(ends.go_r)
+    if not compiling:
+        for fd in (ends.stdout_w, ends.stderr_w, stdin_fd):
+            os.close(fd)
     while True:
         pid, status = os.waitpid(-1, 0)
-        if pid == job_pid:
-            os.write(ends.status_w, struct.pack("i", status))
-            os._exit(0)
+        if pid != job_pid:
+            continue  # an orphan of the job's, reaped
+        if compiling and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            job_pid, compiling = _jail_spawn(job, ends, stdin_fd), False
+            for fd in (ends.stdout_w, ends.stderr_w, stdin_fd):
+                os.close(fd)
+            continue
+        os.write(ends.status_w, JAIL_STATUS.pack(status, int(compiling)))
+        os._exit(0)
 
 
 def select_readable(fd):
@@ -2613,7 +2676,7 @@ def interpreters_find():
     """{name: {"path", "version"}} for each interpreter that runs and lives under /usr."""
     found = {}
     for name, (_, version_args) in INTERPRETER_CANDIDATES.items():
-        path = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
+        path = shutil.which(COMPILERS[name][0] if name in COMPILERS else name, path="/usr/local/bin:/usr/bin:/bin")
         if path is None or not os.path.realpath(path).startswith("/usr/"):
             continue  # only /usr is visible inside the jail
         path = path.replace("/bin/", "/usr/bin/", 1) if path.startswith("/bin/") else path
@@ -2659,7 +2722,7 @@ def host_check(cgroups):
         handle = jail_build(factory, cgroups)
         jail_assign(handle, JailSpec(manifest, payload_fd), cgroups)
         _, init_status = os.waitpid(handle.pid, 0)
-        status = jail_job_status(handle, init_status)
+        status, _ = jail_job_status(handle, init_status)
         message = b""
         while True:
             chunk, fds = recv_fds(handle.setup, 4096, 1)
@@ -2771,6 +2834,7 @@ class Job:
         self.exec_done = False
         self.logs = {}  # 1, 2 -> JobLog
         self.wait_status = None  # once the jail is gone
+        self.compiler = False  # the wait status is the compiler's: it failed, no program ran
         self.cpu_s = self.memory_peak = None
         self.oom_kills = 0
         self.cpu_budget = None  # CPU seconds it may use, when it started beside others of its client (_cpu_budget)
@@ -2783,11 +2847,13 @@ class Job:
         return sum(_pages(log.kept) for log in self.logs.values()) + self.collected.state_bytes
 
 
-def job_end(wait_status, *, exec_done, setup_error, forced_reason, oom_kills, cpu_s, timeout_s):
+def job_end(wait_status, *, exec_done, setup_error, forced_reason, oom_kills, cpu_s, timeout_s, compiler=False):
     """(state, reason, exit_code, signal) of an ended job, from what the runner saw of it.
 
     A job whose jail failed, or died before its job was spawned without the
     runner killing it, ran nothing: internal_error, whatever else is known.
+    `compiler`: the status is its compiler's, which failed (compile_error
+    when it exited non-zero; a limit or signal reads as for any process).
     """
     exit_code = signum = None
     if wait_status is not None:
@@ -2805,6 +2871,8 @@ def job_end(wait_status, *, exec_done, setup_error, forced_reason, oom_kills, cp
         reason = "cpu_limit"
     elif signum is not None:
         reason = "signal"
+    elif compiler:
+        reason = "compile_error"
     else:
         reason = "exit_code"
     return ("completed" if reason == "exit_code" and exit_code == 0 else "failed"), reason, exit_code, signum
@@ -3247,7 +3315,7 @@ class Runner:
         h = job.handle
         _, init_status = os.waitpid(h.pid, 0)
         h.reaped = True
-        job.wait_status = jail_job_status(h, init_status)
+        job.wait_status, job.compiler = jail_job_status(h, init_status)
         self.selector.unregister(h.pidfd)
         for fd, stream in ((h.stdout_r, 1), (h.stderr_r, 2)):  # the pipes hold their last bytes
             while True:
@@ -3303,7 +3371,8 @@ class Runner:
             job.collector = None
         state, reason, exit_code, signum = job_end(
             job.wait_status, exec_done=job.exec_done, setup_error=job.setup_error, forced_reason=job.forced_reason,
-            oom_kills=job.oom_kills, cpu_s=job.cpu_s, timeout_s=job.manifest["timeout"] if job.manifest else 0)
+            oom_kills=job.oom_kills, cpu_s=job.cpu_s, timeout_s=job.manifest["timeout"] if job.manifest else 0,
+            compiler=bool(job.compiler))
         if reason == "internal_error":
             log.error("job=%s event=jail_failed detail=%s", job.id, json.dumps(job.setup_error or "jail died before execve"))
         finished = time.time()
@@ -4167,7 +4236,8 @@ def openapi_document():
     obj = lambda props, required=None, more=False: {  # noqa: E731
         "type": "object", "properties": props, "required": sorted(props) if required is None else required, "additionalProperties": more}
     job_id = {"type": "string", "pattern": "^" + JOB_ID.pattern.removesuffix("\\Z") + "$"}
-    reasons = ["exit_code", "signal", "timeout", "memory_limit", "output_limit", "cpu_limit", "killed", "internal_error"]
+    reasons = ["exit_code", "compile_error", "signal", "timeout", "memory_limit", "output_limit", "cpu_limit", "killed",
+               "internal_error"]
     schemas = {
         "Error": obj({"error": string, "details": string, "retry_after": integer, "reason": string}, ["error", "details"]),
         "Manifest": obj({

@@ -36,6 +36,9 @@ JOB_ENDS = [
     # (wait status, changes to BASE, expected (state, reason, exit code, signal))
     (W_EXIT(0), {}, ("completed", "exit_code", 0, None)),
     (W_EXIT(3), {}, ("failed", "exit_code", 3, None)),
+    (W_EXIT(1), {"compiler": True}, ("failed", "compile_error", 1, None)),  # the compiler's status: no program ran
+    (W_SIG(9), {"compiler": True, "oom_kills": 1}, ("failed", "memory_limit", None, 9)),
+    (W_SIG(9), {"compiler": True, "forced_reason": "timeout"}, ("failed", "timeout", None, 9)),
     (W_SIG(15), {}, ("failed", "signal", None, 15)),
     (W_SIG(9), {"forced_reason": "timeout"}, ("failed", "timeout", None, 9)),
     (W_SIG(9), {"forced_reason": "output_limit"}, ("failed", "output_limit", None, 9)),
@@ -201,7 +204,7 @@ def test_poisoned_queue_entries_end_only_themselves(server):
     queue = os.path.join(server.state_dir, "http", "queue")
     entries = {}
     for i, kind in enumerate(("not an object", "deep tree", "fifo", "symlink")):
-        name = f"{i:016d}.job-{i:032x}"
+        name = f"{i:016d}.job-{0xbad0000 + i:032x}"  # never an id other tests use
         # Built beside the queue and renamed in whole, as a worker queues: the runner
         # must never see a half-built entry (it would erase it under our hands).
         path = os.path.join(server.state_dir, "http", "tmp", name)
