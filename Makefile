@@ -120,7 +120,7 @@ image: setup .image-apt.installed  ## Build the appliance disk image (build/imag
 	image/tools build/tools mkosi --directory image --force \
 		--extra-tree $(CURDIR)/build/image-root --output-dir $(CURDIR)/$(IMAGE_DIR) \
 		--image-version $(VERSION) --source-date-epoch $(SOURCE_DATE_EPOCH) \
-		--incremental --cache-dir $(CURDIR)/build/mkosi-cache build
+		--cache-dir $(CURDIR)/build/mkosi-cache build
 
 .PHONY: image-boot
 image-boot: .image-apt.installed  ## Boot the image under qemu; nginx on 127.0.0.1:8480 (IMAGE_PORT=), Ctrl-A X quits

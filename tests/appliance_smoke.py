@@ -130,6 +130,28 @@ def test_python_node_and_bash_jobs_run(appliance):
         assert (doc["status"], doc["reason"], logs["stdout"]) == ("completed", "exit_code", expected), (doc, logs)
 
 
+def test_the_data_stack_computes_and_plots(appliance):
+    """Debian 13's numpy, pandas, scipy, sympy and matplotlib in the appliance's jail, within the default limits."""
+    code = ("import numpy as np, pandas as pd, scipy.linalg, sympy\nimport matplotlib.pyplot as plt\n"
+            "a = np.array([[4.0, 1.0], [2.0, 3.0]])\ndf = pd.DataFrame({'x': [1, 2, 3]})\n"
+            "plt.plot(df.x, df.x ** 2)\nplt.savefig('plot.png', dpi=40)\n"
+            "print(np.linalg.solve(a, [1.0, 2.0]).round(6).tolist(), int(df.x.sum()), round(float(scipy.linalg.det(a)), 6),"
+            " sympy.factor(sympy.Symbol('x') ** 2 - 1))")
+    doc, logs = appliance.run(code, "python3", timeout=120)
+    assert (doc["status"], logs["stdout"]) == ("completed", "[0.1, 0.6] 6 10.0 (x - 1)*(x + 1)\n"), (doc, logs)
+    assert doc["output_files"]["plot.png"]["size_bytes"] > 1000, doc
+
+
+def test_c_and_cpp_compile_and_run_in_the_jail(appliance):
+    doc, logs = appliance.run('#include <stdio.h>\nint main(int c, char **v) { printf("c %s\\n", v[1]); return 0; }\n', "c",
+                              args=["ok"], timeout=120)
+    assert (doc["status"], logs["stdout"]) == ("completed", "c ok\n"), (doc, logs)
+    doc, logs = appliance.run("#include <iostream>\nint main() { std::cout << \"cpp \" << 6 * 7 << std::endl; }\n", "cpp", timeout=120)
+    assert (doc["status"], logs["stdout"]) == ("completed", "cpp 42\n"), (doc, logs)
+    doc, logs = appliance.run("int main() { return nope; }\n", "c", timeout=120)
+    assert (doc["status"], doc["reason"]) == ("failed", "compile_error") and "nope" in logs["stderr"], (doc, logs)
+
+
 def test_a_job_has_its_loopback_and_no_network(appliance):
     """The unit's IP firewall (localhost only) and the job's own network namespace, together."""
     code = ("import socket\ns = socket.create_server(('127.0.0.1', 0))\nc = socket.create_connection(s.getsockname())\n"
