@@ -2445,13 +2445,16 @@ def _jail_sources(compile_job):
     found, todo = [], [("", 0)]
     while todo and len(found) < COMPILE_SOURCES_MAX:
         folder, depth = todo.pop()
-        with os.scandir(folder or ".") as entries:
-            for entry in entries:
-                path = f"{folder}/{entry.name}" if folder else entry.name
-                if entry.is_dir(follow_symlinks=False) and depth < COMPILE_DEPTH_MAX:
-                    todo.append((path, depth + 1))
-                elif entry.is_file(follow_symlinks=False) and entry.name.endswith(tuple(compile_job["extensions"])):
-                    found.append(path)
+        try:
+            entries = list(os.scandir(folder or "."))
+        except OSError:
+            continue  # what cannot be listed holds no source: the compiler says what is missing
+        for entry in entries:
+            path = f"{folder}/{entry.name}" if folder else entry.name
+            if entry.is_dir(follow_symlinks=False) and depth < COMPILE_DEPTH_MAX:
+                todo.append((path, depth + 1))
+            elif entry.is_file(follow_symlinks=False) and entry.name.endswith(tuple(compile_job["extensions"])):
+                found.append(path)
     entrypoint = compile_job["entrypoint"]
     return [entrypoint, *sorted(p for p in found if p != entrypoint)[:COMPILE_SOURCES_MAX - 1]]
 
