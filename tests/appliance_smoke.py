@@ -27,14 +27,18 @@ BOOT_TIMEOUT_S = 360  # TCG emulation boots in about a minute; a loaded 2-core m
 
 class Appliance:
     def __init__(self):
+        self.forwarded("sandrun-appliance-")
+        self.proc = subprocess.Popen([os.path.join(ROOT, "image", "qemu"), IMAGE, str(self.port), self.serial_log],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def forwarded(self, prefix):
+        """A free loopback port for qemu to forward, its URL, and a work directory for the serial log."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.workdir = tempfile.mkdtemp(prefix="sandrun-appliance-")
+        self.workdir = tempfile.mkdtemp(prefix=prefix)
         self.serial_log = os.path.join(self.workdir, "serial.log")
-        self.proc = subprocess.Popen([os.path.join(ROOT, "image", "qemu"), IMAGE, str(self.port), self.serial_log],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
 
     def console(self):
         """The serial console so far, without terminal colour codes."""

@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 
@@ -27,16 +26,11 @@ SERVE_TIMEOUT_S = 300
 
 
 class StockHost:
-    # The HTTP client of the appliance suite: both talk to a forwarded port the same way.
-    request, submit, run = Appliance.request, Appliance.submit, Appliance.run
+    # The appliance suite's forwarded port and HTTP client: both VMs are reached the same way.
+    forwarded, request, submit, run = Appliance.forwarded, Appliance.request, Appliance.submit, Appliance.run
 
     def __init__(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.workdir = tempfile.mkdtemp(prefix="sandrun-host-")
-        self.serial_log = os.path.join(self.workdir, "serial.log")
+        self.forwarded("sandrun-host-")
         sock = os.path.join(self.workdir, "console.sock")
         self.proc = subprocess.Popen([
             "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2", "-m", "3072",
