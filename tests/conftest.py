@@ -126,6 +126,14 @@ class Server:
         _, _, logs = self.json("GET", f"/logs/{doc['job_id']}")
         return doc, logs
 
+    def run_files(self, files, manifest):
+        """Upload files (as submit_files), wait for the end, return (status doc, logs doc)."""
+        status, _, body = self.submit_files(files, manifest)
+        doc = json.loads(body)
+        assert status in (200, 202), (status, doc)
+        doc = self.wait(doc["job_id"]) if doc["status"] not in ("completed", "failed") else doc
+        return doc, self.json("GET", f"/logs/{doc['job_id']}")[2]
+
     def runner_pid(self):
         with open(os.path.join(self.state_dir, "runner", "alive")) as f:
             return int(f.read())

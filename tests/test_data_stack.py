@@ -15,11 +15,7 @@ from conftest import SUITE_ENV, Server
 def _ok(server, code, files=None, **manifest):
     if files:  # the code as main.py beside the data files, in one multipart upload
         parts = [("main.py", code.encode())] + [(name, data.encode()) for name, data in files.items()]
-        status, _, body = server.submit_files(parts, {"entrypoint": "main.py", **manifest})
-        assert status in (200, 202), body
-        doc = json.loads(body)
-        doc = server.wait(doc["job_id"]) if doc["status"] not in ("completed", "failed") else doc
-        logs = server.json("GET", f"/logs/{doc['job_id']}")[2]
+        doc, logs = server.run_files(parts, {"entrypoint": "main.py", **manifest})
     else:
         doc, logs = server.run(code, **manifest)
     assert (doc["status"], doc["reason"], logs["stderr"]) == ("completed", "exit_code", ""), (doc, logs)

@@ -3,8 +3,6 @@
 `make test` installs gcc and g++; jobs see the host's /usr.
 """
 
-import json
-
 import pytest
 from conftest import SUITE_ENV, Server, make_tar
 
@@ -15,14 +13,6 @@ HELLO = {
            '    std::string line;\n    std::getline(std::cin, line);\n'
            '    std::cout << argv[1] << " " << argc << " " << std::sqrt(2.0) << " " << line << std::endl;\n}\n',
 }
-
-
-def _files_job(server, files, manifest):
-    status, _, body = server.submit_files(files, manifest)
-    doc = json.loads(body)
-    assert status in (200, 202), doc
-    doc = server.wait(doc["job_id"]) if doc["status"] not in ("completed", "failed") else doc
-    return doc, server.json("GET", f"/logs/{doc['job_id']}")[2]
 
 
 @pytest.mark.parametrize("language, expected", [("c", "hello 2 1.414 stdin line\n"), ("cpp", "hello 2 1.41421 stdin line\n")])
@@ -67,7 +57,7 @@ def test_sources_and_headers_are_compiled_together_and_read_a_data_file(server):
         ("data/numbers.txt", "file", b"1 2 3\n4\n"),
         ("notes.c", "file", b"this is C, not C++: never compiled with the C++ sources\n"),
     ])
-    doc, logs = _files_job(server, [("job.tar.gz", archive)], {"entrypoint": "src/main.cpp"})
+    doc, logs = server.run_files([("job.tar.gz", archive)], {"entrypoint": "src/main.cpp"})
     assert (doc["status"], logs["stdout"], logs["stderr"]) == ("completed", "20\n", ""), (doc, logs)
     assert doc["execution_metadata"]["interpreter"] == "cpp"  # from the extension
 
