@@ -87,7 +87,6 @@ import signal
 import socket
 import stat
 import struct
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -2022,6 +2021,7 @@ JOB_ENV = {
     "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
     "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
     "MPLBACKEND": "Agg", "MPLCONFIGDIR": "/tmp/matplotlib",
+    "XDG_CACHE_HOME": "/tmp/.cache",  # fontconfig's cache (matplotlib runs fc-list) is not an output
 }  # fmt: skip
 #: Device nodes a program expects; bound from the host, never created (no mknod).
 JAIL_DEV_NODES = ("full", "null", "random", "urandom", "zero")
@@ -2676,28 +2676,21 @@ def _jail_fds(ends, *received):
 
 
 def interpreters_find():
-    """{name: {"path", "version"}} for each interpreter that runs and lives under /usr."""
+    """{name: {"path"}} for each interpreter (or compiler) found under /usr, the only host tree the jail sees."""
     found = {}
-    for name, (_, version_args) in INTERPRETER_CANDIDATES.items():
+    for name in INTERPRETER_CANDIDATES:
         path = shutil.which(COMPILERS[name][0] if name in COMPILERS else name, path="/usr/local/bin:/usr/bin:/bin")
         if path is None or not os.path.realpath(path).startswith("/usr/"):
-            continue  # only /usr is visible inside the jail
+            continue
         path = path.replace("/bin/", "/usr/bin/", 1) if path.startswith("/bin/") else path
-        if version_args is None:
-            version = os.path.basename(os.path.realpath(path))
-        else:
-            try:
-                out = subprocess.run([path, *version_args], capture_output=True, timeout=10, check=True)
-            except (OSError, subprocess.SubprocessError):
-                continue
-            match = re.search(rb"\d+\.\d+(?:\.\d+)?", out.stdout + out.stderr)
-            version = match.group().decode() if match else "unknown"
-        found[name] = {"path": path, "version": version}
+        found[name] = {"path": path}
     return found
 
 
 def host_check(cgroups):
-    """Master, at start: run one real job through the whole jail; raise HostError if it fails."""
+    """Master, at start: run one real job through the whole jail, then ask each interpreter,
+    inside a jail, what it is (languages_probe). Raises HostError if the jail fails;
+    returns {name: {"version", and for python3 "packages"}} for those that answered."""
     if os.geteuid() != 0:
         raise HostError("the server must start as root: only the runner keeps privileges, to build jails")
     if SYS_pivot_root is None or SYS_clone is None:
@@ -2710,20 +2703,80 @@ def host_check(cgroups):
         raise HostError(f"SANDRUN_JOB_UID={JOB_UID} belongs to host account {owner!r}; pick an unused uid")
     if "sh" not in INTERPRETERS:
         raise HostError("no /usr/bin/sh: the start-up probe job needs it")
-    manifest = manifest_parse({"entrypoint": "probe.sh", "interpreter": "sh", "timeout": 10, "memory_mb": 64}, code_form=False)
+    factory_pid, factory = factory_start(cgroups)  # the same way the runner builds jails
+    try:
+        script = b"test -r /work/probe.sh && test ! -e /etc/shadow && exit 0; exit 1\n"
+        status, _ = _probe_job(factory, cgroups, script, timeout=10, memory_mb=min(64, JOB_MEMORY_MAX_BYTES // MiB))
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise HostError(f"the start-up probe job failed inside the jail (status {status})")
+        return languages_probe(factory, cgroups)
+    finally:
+        factory.close()  # EOF: the factory leaves
+        os.waitpid(factory_pid, 0)
+
+
+#: Python packages GET / reports, by import name, when python3 imports them inside the jail.
+PYTHON_PACKAGES = ("numpy", "pandas", "matplotlib", "scipy", "PIL", "sympy")
+#: The languages probe's limits: the imports above take about 2 s and 110 MiB here.
+LANGUAGE_PROBE_TIMEOUT_S, LANGUAGE_PROBE_MEMORY_MB = min(JOB_TIMEOUT_S, 120), min(JOB_MEMORY_MAX_BYTES // MiB, 256)
+_PROBE_ANSWER = re.compile(rb"\n@@ (lang|package) (\S+)\n(.*?)\n@@ end (\d+)\n", re.S)
+
+
+def languages_probe(factory, cgroups):
+    """Ask, in one job inside a jail, each interpreter for its version and python3 for PYTHON_PACKAGES.
+
+    A job sees what this answers, not what the host's files say: an interpreter
+    whose version does not run in the jail is not offered, and a package is
+    listed only if it imports there under the probe's limits.
+    """
+    lines = []
+    for name, (_, version_args) in INTERPRETER_CANDIDATES.items():
+        if name in INTERPRETERS and version_args is not None:
+            argv = " ".join(shlex.quote(arg) for arg in (INTERPRETERS[name]["path"], *version_args))
+            lines.append(f"printf '\\n@@ lang {name}\\n'; {argv} 2>&1; printf '\\n@@ end %d\\n' $?")
+    if "python3" in INTERPRETERS:
+        for module in PYTHON_PACKAGES:
+            code = shlex.quote(f"import {module}; print({module}.__version__)")
+            lines.append(f"printf '\\n@@ package {module}\\n'; {INTERPRETERS['python3']['path']} -c {code} 2>/dev/null; printf '\\n@@ end %d\\n' $?")
+    status, out = _probe_job(factory, cgroups, ("\n".join(lines) + "\n").encode(), timeout=LANGUAGE_PROBE_TIMEOUT_S,
+                             memory_mb=LANGUAGE_PROBE_MEMORY_MB)  # fmt: skip
+    if os.waitstatus_to_exitcode(status) != 0:
+        log.warning("event=language_probe_incomplete status=%d", status)  # what answered still counts
+    found = {"sh": {"version": os.path.basename(os.path.realpath(INTERPRETERS["sh"]["path"]))}}  # the probe ran in it
+    packages = {}
+    for kind, name, text, code in _PROBE_ANSWER.findall(out):
+        if code != b"0":
+            continue
+        if kind == b"lang":
+            match = re.search(rb"\d+\.\d+(?:\.\d+)?", text)
+            found[name.decode()] = {"version": match.group().decode() if match else "unknown"}
+        elif re.fullmatch(rb"[0-9A-Za-z.+-]{1,40}", text.strip()):
+            packages[name.decode()] = text.strip().decode()
+    if "python3" in found:
+        found["python3"]["packages"] = packages
+    return found
+
+
+def _probe_job(factory, cgroups, script, timeout, memory_mb):
+    """Run a start-up sh script as a job in a jail built by factory: (its wait status, its stdout
+    and stderr, at most 64 KiB). Raises HostError if the jail cannot be built."""
+    manifest = manifest_parse({"entrypoint": "probe.sh", "interpreter": "sh", "timeout": timeout, "memory_mb": memory_mb}, code_form=False)
     payload = io.BytesIO()
     writer = PayloadWriter(payload)
-    script = b"test -r /work/probe.sh && test ! -e /etc/shadow && exit 0; exit 1\n"
     writer.add_file("probe.sh", io.BytesIO(script), len(script), False, "probe")
     writer.finish("probe.sh")
-    payload_fd = os.memfd_create("probe-payload")
-    os.write(payload_fd, payload.getvalue())
-    os.lseek(payload_fd, 0, os.SEEK_SET)
+    payload_fd = _memfd("probe-payload", payload.getvalue())
     handle = None
-    factory_pid, factory = factory_start(cgroups)  # the same way the runner builds jails
     try:
         handle = jail_build(factory, cgroups)
         jail_assign(handle, JailSpec(manifest, payload_fd), cgroups)
+        out, open_fds = bytearray(), [handle.stdout_r, handle.stderr_r]  # non-blocking; the jail's end closes both
+        while open_fds:
+            for fd in select.select(open_fds, [], [])[0]:
+                chunk = os.read(fd, 64 * KiB)
+                out += chunk[: 64 * KiB - len(out)]
+                if not chunk:
+                    open_fds.remove(fd)
         _, init_status = os.waitpid(handle.pid, 0)
         status, _ = jail_job_status(handle, init_status)
         message = b""
@@ -2737,14 +2790,11 @@ def host_check(cgroups):
         handle.close()
         if message:
             raise HostError(f"the jail cannot be built on this host: {message[1:].decode(errors='replace')}")
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise HostError(f"the start-up probe job failed inside the jail (status {status})")
+        return status, bytes(out)
     except (OSError, JailError, FactoryError) as exc:
         raise HostError(f"the jail cannot be built on this host: {exc}") from None
     finally:
         os.close(payload_fd)
-        factory.close()  # EOF: the factory leaves
-        os.waitpid(factory_pid, 0)
         if handle is not None:
             cgroups.kill_and_remove(handle.cgroup)
 
@@ -3921,6 +3971,29 @@ def _page():
 PAGE, PAGE_CSP = _page()  # read once, in the master: workers need no access to the checkout
 
 
+def languages_describe():
+    """GET /'s languages: for each interpreter, its version (as the jail answered), the
+    entrypoint extensions that choose it, whether it compiles (and how), and python3's packages."""
+    doc = {}
+    for name, info in sorted(INTERPRETERS.items()):
+        entry = {"version": info["version"], "extensions": [ext for ext, lang in EXTENSION_INTERPRETERS.items() if lang == name],
+                 "compiles": name in COMPILERS}  # fmt: skip
+        if name in COMPILERS:
+            compiler, before, _, after = COMPILERS[name]
+            entry["compile_command"] = " ".join([compiler, *before, "<entrypoint>", "<sources...>", "-o", PROGRAM_PATH, *after])
+        if "packages" in info:
+            entry["packages"] = info["packages"]
+        doc[name] = entry
+    return doc
+
+
+def _language_label(name, info):
+    """One language in words, as the OpenAPI description and the page say it: "c 12.2.0 (compiled)"."""
+    label = f"{name} {info['version']}" + (" (compiled)" if info["compiles"] else "")
+    packages = info.get("packages")
+    return label + (" with " + ", ".join(f"{p} {v}" for p, v in packages.items()) if packages else "")
+
+
 def handle_info(req):
     if req.accept.best_match(["application/json", "text/html"]) == "text/html":  # a browser; curl and clients get JSON
         response = webob.Response(body=PAGE, content_type="text/html", charset="utf-8")
@@ -3930,6 +4003,7 @@ def handle_info(req):
     return _json({
         "service": "sandrun", "version": VERSION, "status": "running",
         "interpreters": {name: info["version"] for name, info in sorted(INTERPRETERS.items())},
+        "languages": languages_describe(),
         "limits": {
             "timeout_seconds_max": JOB_TIMEOUT_S, "memory_mb_max": JOB_MEMORY_MAX_BYTES // MiB,
             "cpu_seconds_per_minute": RATE_CPU_S_PER_MIN, "concurrent_jobs_per_ip": RATE_CONCURRENT_JOBS,
@@ -4239,13 +4313,15 @@ def openapi_document():
     obj = lambda props, required=None, more=False: {  # noqa: E731
         "type": "object", "properties": props, "required": sorted(props) if required is None else required, "additionalProperties": more}
     job_id = {"type": "string", "pattern": "^" + JOB_ID.pattern.removesuffix("\\Z") + "$"}
+    languages = languages_describe()
     reasons = ["exit_code", "compile_error", "signal", "timeout", "memory_limit", "output_limit", "cpu_limit", "killed",
                "internal_error"]
     schemas = {
         "Error": obj({"error": string, "details": string, "retry_after": integer, "reason": string}, ["error", "details"]),
         "Manifest": obj({
             "entrypoint": {"type": "string", "description": "relative path of an uploaded file; required for multipart"},
-            "interpreter": {"enum": sorted(INTERPRETERS), "description": "one of GET / interpreters; from the entrypoint's extension if absent"},
+            "interpreter": {"enum": sorted(INTERPRETERS), "description": "one of GET / interpreters; from the entrypoint's extension if absent. "
+                            "Here: " + "; ".join(_language_label(name, info) for name, info in languages.items())},
             "args": {"type": "array", "items": no_nul, "maxItems": ARGS_MAX},
             "stdin": {"type": "string", "maxLength": STDIN_MAX_BYTES // 4, "description": f"at most {STDIN_MAX_BYTES} bytes as UTF-8"},
             "env": {"type": "object", "additionalProperties": no_nul, "maxProperties": ENV_VARS_MAX,
@@ -4282,6 +4358,11 @@ def openapi_document():
                       "system": obj({"queued": integer, "running": integer})}),  # fmt: skip
         "Info": obj({"service": {"const": "sandrun"}, "version": string, "status": string,
                      "interpreters": {"type": "object", "additionalProperties": string},
+                     "languages": {"type": "object", "examples": [languages], "additionalProperties": obj({
+                         "version": string, "extensions": {"type": "array", "items": string}, "compiles": boolean,
+                         "compile_command": {"type": "string", "description": "how a language that compiles builds /tmp/program"},
+                         "packages": {"type": "object", "additionalProperties": string, "description": "python3: importable packages and their versions"},
+                     }, ["version", "extensions", "compiles"])},
                      "limits": obj({"timeout_seconds_max": number, "memory_mb_max": integer, "cpu_seconds_per_minute": number,
                                     "concurrent_jobs_per_ip": integer, "jobs_per_hour_per_ip": integer, "upload_bytes_max": integer}),
                      "queue": obj({"queued": integer, "running": integer})}),  # fmt: skip
@@ -4728,15 +4809,20 @@ def server_start():
         state_prepare()
         _CGROUPS = Cgroups()
         _CGROUPS.prepare()
-        _host_probe()
+        languages = _host_probe()
     except (OSError, HostError) as exc:
         server_stop()
         raise HostError(f"cannot prepare {STATE_DIR} or the cgroups: {exc}") if isinstance(exc, OSError) else exc from None
+    for name in set(INTERPRETERS) - set(languages):
+        log.warning("event=interpreter_unusable interpreter=%s", name)  # found on the host, but not working in the jail
+        del INTERPRETERS[name]
+    for name, info in languages.items():
+        INTERPRETERS[name].update(info)
     log.info("event=server_ready cgroup_version=%d interpreters=%s state_dir=%s", _CGROUPS.version, ",".join(sorted(INTERPRETERS)), STATE_DIR)
 
 
 def _host_probe():
-    """Run host_check() in a child (it must be a subreaper; the master must not become one)."""
+    """Run host_check() in a child (it must be a subreaper; the master must not become one); its answer."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -4744,11 +4830,13 @@ def _host_probe():
             os.close(read_fd)
             prctl.set_child_subreaper(True)
             try:
-                host_check(_CGROUPS)
+                languages = host_check(_CGROUPS)
             except (HostError, OSError, RuntimeError) as exc:
                 where = traceback.extract_tb(exc.__traceback__)[-1]  # the operator's first clue on a new host
                 os.write(write_fd, f"{type(exc).__name__}: {exc} (in {where.name}, line {where.lineno})".encode()[:4000])
                 os._exit(1)
+            with open(write_fd, "wb") as f:
+                f.write(json.dumps(languages).encode())
             os._exit(0)
         finally:
             os._exit(2)
@@ -4758,6 +4846,7 @@ def _host_probe():
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise HostError(message or f"the host probe died (status {status})")
+    return json.loads(message)
 
 
 def _process_reset():

@@ -143,7 +143,11 @@ def test_the_data_stack_computes_and_plots(appliance):
             " sympy.factor(sympy.Symbol('x') ** 2 - 1))")
     doc, logs = appliance.run(code, "python3", timeout=120)
     assert (doc["status"], logs["stdout"]) == ("completed", "[0.1, 0.6] 6 10.0 (x - 1)*(x + 1)\n"), (doc, logs)
-    assert doc["output_files"]["plot.png"]["size_bytes"] > 1000, doc
+    assert list(doc["output_files"]) == ["plot.png"] and doc["output_files"]["plot.png"]["size_bytes"] > 1000, doc
+    _, _, body = appliance.request("GET", "/")
+    languages = json.loads(body)["languages"]  # as the appliance's jail answered at start
+    assert set(languages["python3"]["packages"]) == {"numpy", "pandas", "matplotlib", "scipy", "PIL", "sympy"}, languages
+    assert languages["c"]["compiles"] and languages["cpp"]["compiles"] and not languages["python3"]["compiles"], languages
 
 
 def test_c_and_cpp_compile_and_run_in_the_jail(appliance):

@@ -9,6 +9,8 @@ import hashlib
 import json
 
 import pytest
+
+import sandrun
 from conftest import SUITE_ENV, Server
 
 
@@ -41,8 +43,9 @@ def test_pandas_csv_round_trip(server):
 def test_matplotlib_writes_a_png_without_a_display(server):
     code = ("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.title('squares')\n"
             "plt.savefig('plot.png', dpi=50)\nimport matplotlib\nprint(matplotlib.get_backend())")
-    doc, out = _ok(server, code, outputs=["*.png"])
+    doc, out = _ok(server, code)
     assert out.strip().lower() == "agg"
+    assert list(doc["output_files"]) == ["plot.png"]  # no font cache among the outputs
     status, _, png = server.request("GET", f"/download/{doc['job_id']}/plot.png")
     assert status == 200 and png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
     assert doc["output_files"]["plot.png"]["sha256_hash"] == hashlib.sha256(png).hexdigest()
@@ -91,3 +94,35 @@ def test_blas_keeps_one_thread_whatever_the_hosts_cpus(few_pids):
     # What the default prevents: left to itself, OpenBLAS takes a thread per CPU of this (2-core) machine.
     doc, out = _ok(few_pids, "import json\n" + code, env={"OPENBLAS_NUM_THREADS": "64"})
     assert int(json.loads(out)[2]) > 1, out
+
+
+def test_get_root_says_what_a_job_finds(server):
+    """GET / lists each language with the version a job sees, and python3's packages as a job imports them."""
+    _, _, info = server.json("GET", "/")
+    languages = info["languages"]
+    assert {name: lang["version"] for name, lang in languages.items()} == info["interpreters"]
+    code = ("import importlib, json, platform\nprint(json.dumps([platform.python_version(), "
+            f"{{m: importlib.import_module(m).__version__ for m in {list(sandrun.PYTHON_PACKAGES)!r}}}]))")
+    assert json.loads(_ok(server, code)[1]) == [languages["python3"]["version"], languages["python3"]["packages"]]
+    assert list(languages["python3"]["packages"]) == list(sandrun.PYTHON_PACKAGES)  # make test installs them all
+    doc, logs = server.run("console.log(process.versions.node)", "node")
+    assert logs["stdout"] == languages["node"]["version"] + "\n"
+    doc, logs = server.run('#include <stdio.h>\nint main(void) { printf("%d.%d.%d\\n", __GNUC__, __GNUC_MINOR__, __GNUC_PATCHLEVEL__); }', "c")
+    assert logs["stdout"] == languages["c"]["version"] + "\n"
+    assert languages["c"] == {"version": languages["c"]["version"], "extensions": [".c"], "compiles": True,
+                              "compile_command": "gcc -std=gnu17 -O2 -Wall -pipe <entrypoint> <sources...> -o /tmp/program -lm"}
+    assert languages["cpp"]["extensions"] == [".cc", ".cpp", ".cxx"] and languages["cpp"]["compile_command"].startswith("g++ -std=gnu++20 ")
+    assert languages["python3"]["compiles"] is False and "compile_command" not in languages["python3"]
+    assert all("packages" not in lang for name, lang in languages.items() if name != "python3")
+
+
+def test_packages_are_found_inside_the_jail_under_its_limits():
+    """The host imports pandas; a job held to 40 MiB cannot, so a server with that cap does not offer it."""
+    small = Server({**SUITE_ENV, "SANDRUN_JOB_MEMORY_MAX_BYTES": str(40 * sandrun.MiB)}, "small-memory").start()
+    try:
+        packages = small.json("GET", "/")[2]["languages"]["python3"]["packages"]
+        assert "PIL" in packages and "pandas" not in packages, packages
+        doc, _ = small.run("import pandas")
+        assert (doc["status"], doc["reason"]) == ("failed", "memory_limit"), doc
+    finally:
+        small.stop()

@@ -116,6 +116,14 @@ def test_the_documented_limits_are_the_servers(spec):
     assert re.fullmatch(spec["components"]["schemas"]["Accepted"]["properties"]["job_id"]["pattern"].strip("^$"), "job-" + "a" * 32)
 
 
+def test_the_documented_languages_are_the_servers(server, spec):
+    languages = server.json("GET", "/")[2]["languages"]
+    assert spec["components"]["schemas"]["Info"]["properties"]["languages"]["examples"] == [languages]
+    described = spec["components"]["schemas"]["Manifest"]["properties"]["interpreter"]["description"]
+    assert f"python3 {languages['python3']['version']} with numpy {languages['python3']['packages']['numpy']}" in described
+    assert f"c {languages['c']['version']} (compiled)" in described
+
+
 def test_schemathesis_finds_no_fault():
     """schemathesis, from the live document, against the real server: every check in every phase
     (examples, coverage, fuzzing, stateful through the links from POST /submit), a bounded number

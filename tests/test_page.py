@@ -75,8 +75,6 @@ def test_run_a_python_job_see_its_output_and_download_a_file(page, tmp_path):
     assert saved.read_text() == "42"
     expect(page.locator("#quota")).to_contain_text("jobs left this hour")
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)  # renders at all
-    if os.environ.get("SANDRUN_SCREENSHOT"):
-        page.screenshot(path=os.environ["SANDRUN_SCREENSHOT"], full_page=True)
 
 
 def test_live_output_and_an_image_output(page):
@@ -90,6 +88,58 @@ def test_live_output_and_an_image_output(page):
     image = page.locator("#files img")
     expect(image).to_have_attribute("alt", "dot.png")
     assert image.evaluate("img => img.complete && img.naturalWidth") == 1
+
+
+def test_a_matplotlib_plot_comes_back_as_a_picture(page, tmp_path):
+    """The data stack end to end: a plot drawn in the jail is shown inline. SANDRUN_SCREENSHOT=docs/screenshot.png keeps README's picture."""
+    page.goto("/")
+    expect(page.locator("#language")).to_contain_text("matplotlib")
+    page.fill("#code", "import numpy as np, matplotlib.pyplot as plt\n"
+                       "x = np.linspace(0, 4 * np.pi, 400)\n"
+                       "plt.plot(x, np.sin(x) * np.exp(-x / 8), label='damped')\nplt.plot(x, np.cos(x), label='cos')\n"
+                       "plt.legend(); plt.title('Drawn in the jail')\nplt.savefig('plot.png', dpi=80)\n"
+                       "print('mean', round(float(np.mean(np.cos(x))), 3))")
+    page.click("#run")
+    expect(page.locator("#status")).to_have_text("Completed", timeout=60_000)
+    expect(page.locator("#files a:not(#all)")).to_have_text(["plot.png"])  # the one file the job wrote
+    image = page.locator("#files img")
+    expect(image).to_have_attribute("alt", "plot.png")
+    assert image.evaluate("img => img.complete && [img.naturalWidth, img.naturalHeight]") == [512, 384]  # 6.4 x 4.8 in at 80 dpi
+    page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+    if os.environ.get("SANDRUN_SCREENSHOT"):
+        page.set_viewport_size({"width": 1280, "height": 900})
+        page.screenshot(path=os.environ["SANDRUN_SCREENSHOT"], full_page=True)
+
+
+def test_each_language_is_labelled_with_its_version_and_its_starter_runs(page, server):
+    """The picker says what GET / says; each language's starter, as offered, reads stdin and its arguments."""
+    _, _, info = server.json("GET", "/")
+    page.goto("/")
+    options = page.locator("#interpreter option")
+    expect(options).to_have_count(len(info["languages"]))
+    for name, language in info["languages"].items():
+        label = f"{name} {language['version']}" + (" (compiled)" if language["compiles"] else "")
+        expect(page.locator(f"#interpreter option[value='{name}']")).to_have_text(label)
+        page.select_option("#interpreter", name)
+        assert page.input_value("#code").strip(), name  # a starter was offered
+        page.fill("#stdin", "Ada\n")
+        page.fill("#args", "x")
+        page.click("#run")
+        expect(page.locator("#status")).to_have_text("Completed", timeout=60_000)
+        expect(page.locator("#stdout")).to_have_text("Hello, Ada! x\n")
+    page.fill("#code", "edited")
+    page.select_option("#interpreter", "bash")
+    expect(page.locator("#code")).to_have_value("edited")  # the user's own code is never replaced
+
+
+def test_a_compile_error_reads_as_one(page):
+    page.goto("/")
+    page.select_option("#interpreter", "c")
+    expect(page.locator("#language")).to_contain_text("gcc -std=gnu17")
+    page.fill("#code", "int main(void) { return nope; }\n")
+    page.click("#run")
+    expect(page.locator("#status")).to_have_text("Failed: did not compile (exit code 1)", timeout=60_000)
+    expect(page.locator("#stderr")).to_contain_text("nope")
 
 
 def test_a_bad_manifest_shows_the_servers_400(page):
