@@ -152,6 +152,11 @@ STATE_TMPFS_BYTES = _env_int("STATE_TMPFS_BYTES", 2 * GiB, 64 * MiB, 64 * GiB)
 HTTP_BIND = _env_str("BIND", "127.0.0.1:8443")
 #: The unprivileged account the HTTP workers run as.
 HTTP_USER = _env_str("HTTP_USER", "sandrun")
+#: This node's name in a cluster (README: "Run a cluster"): in every job id, in GET / and in
+#: /metrics, so that the front routes a job's requests to the node that holds it. Empty: a lone server.
+NODE = _env_str("NODE", "")
+if not re.fullmatch(r"[a-z0-9]{0,16}", NODE):
+    raise SettingsError(f"SANDRUN_NODE={NODE!r}: a node name is 1 to 16 of a-z and 0-9, or empty")
 #: HTTP worker processes; each holds HTTP_THREADS threads (long-polls park a thread).
 HTTP_WORKERS = _env_int("HTTP_WORKERS", 2, 1, 64)
 HTTP_THREADS = _env_int("HTTP_THREADS", 16, 1, 256)
@@ -999,9 +1004,10 @@ def multipart_boundary(req):
 # runner/jobs/<id>/status.json exists; the claim writes the second before it
 # removes the first, under the lock, so a reader always finds one of them.
 
-JOB_ID = re.compile(r"job-[0-9a-f]{32}\Z")
+JOB_ID_PREFIX = f"job-{NODE}-" if NODE else "job-"
+JOB_ID = re.compile(JOB_ID_PREFIX + r"[0-9a-f]{32}\Z")  # only this node's: any other id is unknown here
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # a directory, opened without following a link
-_QUEUE_ENTRY = re.compile(r"([0-9]{16})\.(job-[0-9a-f]{32})\Z")
+_QUEUE_ENTRY = re.compile(r"([0-9]{16})\.(" + JOB_ID.pattern + ")")
 _CLIENT_NAME = re.compile(r"[0-9a-f]{32}\Z")
 
 
@@ -4001,7 +4007,7 @@ def handle_info(req):
                                  "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})  # fmt: skip
         return response
     return _json({
-        "service": "sandrun", "version": VERSION, "status": "running",
+        "service": "sandrun", "version": VERSION, "status": "running", "node": NODE,
         "interpreters": {name: info["version"] for name, info in sorted(INTERPRETERS.items())},
         "languages": languages_describe(),
         "limits": {
@@ -4036,7 +4042,7 @@ def handle_submit(req):
     # spools one part at a time (at most the body), and the payload may unpack to its cap.
     reserve = MANIFEST_MAX_BYTES + PAYLOAD_MEMBER_BYTES if media == "application/json" else \
         req.content_length + UNPACKED_MAX_BYTES + UNPACKED_MEMBERS_MAX * PAYLOAD_MEMBER_BYTES  # fmt: skip
-    job_id = "job-" + secrets.token_hex(16)
+    job_id = JOB_ID_PREFIX + secrets.token_hex(16)
     incoming = upload_admit(job_id, key, reserve, now)
     try:
         with open(os.path.join(incoming, "payload.tar"), "xb") as payload, PayloadWriter(payload) as writer:
@@ -4285,21 +4291,27 @@ def handle_metrics(req):
     load = _system_load()
     starts = sum(counters.pop("sandrun_runner_starts_total", {}).values())
     gauges = {"sandrun_jobs_queued": load["queued"], "sandrun_jobs_running": load["running"], "sandrun_runner_restarts_total": max(0, starts - 1)}
+    node = {"node": NODE} if NODE else {}  # in a cluster, every series says whose it is
+
+    def series(name, labels, value):
+        labels = ",".join(f'{k}="{v}"' for k, v in {**labels, **node}.items())
+        return f"{name}{{{labels}}} {value}" if labels else f"{name} {value}"
+
     lines = []
     for name, kind, text in METRIC_FAMILIES:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
         if name in gauges:
-            lines.append(f"{name} {gauges[name]}")
+            lines.append(series(name, {}, gauges[name]))
         elif kind == "histogram":
             h = histograms.get(name, {"buckets": [0] * len(METRICS_BUCKETS_S), "count": 0, "sum": 0.0})
-            lines += [f'{name}_bucket{{le="{bound}"}} {n}' for bound, n in zip(METRICS_BUCKETS_S, h["buckets"])]
-            lines += [f'{name}_bucket{{le="+Inf"}} {h["count"]}', f"{name}_sum {h['sum']:.6f}", f"{name}_count {h['count']}"]
+            lines += [series(f"{name}_bucket", {"le": bound}, n) for bound, n in zip(METRICS_BUCKETS_S, h["buckets"])]
+            lines += [series(f"{name}_bucket", {"le": "+Inf"}, h["count"]), series(f"{name}_sum", {}, f"{h['sum']:.6f}"),
+                      series(f"{name}_count", {}, h["count"])]
         elif not counters[name]:
-            lines += [f"{name} 0"] if name == "sandrun_jobs_submitted_total" else []  # labelled: no series until one happens
+            lines += [series(name, {}, 0)] if name == "sandrun_jobs_submitted_total" else []  # labelled: no series until one happens
         else:
             for key, value in sorted(counters[name].items()):
-                labels = ",".join(f'{k}="{v}"' for k, v in json.loads(key).items())
-                lines.append(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}")
+                lines.append(series(name, json.loads(key), value))
     body = ("\n".join(lines) + "\n").encode()
     return webob.Response(body=body, content_type="text/plain; version=0.0.4", charset="utf-8")
 
@@ -4357,6 +4369,7 @@ def openapi_document():
                                          "can_submit": boolean, "reason": null(string)}),
                       "system": obj({"queued": integer, "running": integer})}),  # fmt: skip
         "Info": obj({"service": {"const": "sandrun"}, "version": string, "status": string,
+                     "node": {"type": "string", "pattern": "^[a-z0-9]{0,16}$", "description": "this node's name in a cluster; empty alone"},
                      "interpreters": {"type": "object", "additionalProperties": string},
                      "languages": {"type": "object", "examples": [languages], "additionalProperties": obj({
                          "version": string, "extensions": {"type": "array", "items": string}, "compiles": boolean,
@@ -4682,6 +4695,8 @@ class ThreadWorker(gunicorn.workers.gthread.ThreadWorker):
 
     def handle(self, conn):
         address = conn.client[0] if isinstance(conn.client, tuple) else None  # None: a UNIX socket, nginx
+        if address is not None and _trusted(_hop_address(address)):
+            address = None  # a trusted proxy (a cluster's front) reads requests first, and speaks for many clients
         if not _READS.begin(conn.sock, address):
             with contextlib.suppress(OSError):
                 conn.sock.sendall(_BUSY_ANSWER)

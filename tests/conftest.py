@@ -32,7 +32,76 @@ def _free_port():
         return s.getsockname()[1]
 
 
-class Server:
+class Client:
+    """HTTP to a Sandrun server, or to nginx before one or more: at 127.0.0.1:self.port, or at
+    the UNIX socket that self.env["SANDRUN_BIND"] names."""
+
+    env, port = {}, None
+
+    def request(self, method, path, body=None, headers=None, source="127.0.0.1", timeout=90):
+        bind = self.env.get("SANDRUN_BIND", "")
+        if bind.startswith("unix:"):
+            conn = UnixHTTPConnection(bind[len("unix:"):], timeout=timeout)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout, source_address=(source, 0))
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def json(self, method, path, doc=None, source="127.0.0.1", headers=None):
+        body = json.dumps(doc).encode() if doc is not None else None
+        hdrs = {"Content-Type": "application/json", **(headers or {})} if doc is not None else headers
+        status, headers, data = self.request(method, path, body, hdrs, source)
+        return status, headers, json.loads(data) if data else None
+
+    def submit_code(self, code, interpreter="python3", wait=60, source="127.0.0.1", **manifest):
+        status, headers, doc = self.json("POST", f"/submit?wait={wait}", {"code": code, "interpreter": interpreter, **manifest}, source)
+        assert status in (200, 202), (status, doc)
+        return doc
+
+    def submit_files(self, files, manifest, wait=60, source="127.0.0.1"):
+        """files: [(filename, bytes)]; manifest: dict or raw string."""
+        body, ctype = multipart({"manifest": manifest if isinstance(manifest, str) else json.dumps(manifest)}, files)
+        return self.request("POST", f"/submit?wait={wait}", body, {"Content-Type": ctype}, source)
+
+    def run(self, code, interpreter="python3", source="127.0.0.1", **manifest):
+        """Submit, wait for the end, return (status doc, logs doc)."""
+        doc = self.submit_code(code, interpreter, source=source, **manifest)
+        doc = self.wait(doc["job_id"]) if doc["status"] not in ("completed", "failed") else doc
+        _, _, logs = self.json("GET", f"/logs/{doc['job_id']}")
+        return doc, logs
+
+    def run_files(self, files, manifest):
+        """Upload files (as submit_files), wait for the end, return (status doc, logs doc)."""
+        status, _, body = self.submit_files(files, manifest)
+        doc = json.loads(body)
+        assert status in (200, 202), (status, doc)
+        doc = self.wait(doc["job_id"]) if doc["status"] not in ("completed", "failed") else doc
+        return doc, self.json("GET", f"/logs/{doc['job_id']}")[2]
+
+    def start_sleeper(self, seconds=60, source="127.0.0.1"):
+        """A job that is running (it has said so) and will sleep for `seconds`; its id."""
+        doc = self.submit_code(f"import time\nprint('up', flush=True)\ntime.sleep({seconds})", wait=0, source=source)
+        deadline = time.monotonic() + 30
+        while self.json("GET", f"/logs/{doc['job_id']}")[2]["stdout"] != "up\n":
+            assert time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.05)
+        return doc["job_id"]
+
+    def wait(self, job_id, seconds=60):
+        deadline = time.monotonic() + seconds + 30
+        while time.monotonic() < deadline:
+            status, _, doc = self.json("GET", f"/status/{job_id}?wait=60")
+            assert status == 200, (status, doc)
+            if doc["status"] in ("completed", "failed"):
+                return doc
+        raise AssertionError(f"job {job_id} did not finish")
+
+
+class Server(Client):
     def __init__(self, env_overrides, name):
         self.workdir = tempfile.mkdtemp(prefix=f"sandrun-{name}-")
         self.cgroup_tag = None  # known once it serves: the tag names its state tmpfs's device and inode
@@ -88,73 +157,55 @@ class Server:
         crash = log.find("Traceback")
         assert crash < 0, f"the server logged a traceback:\n{log[max(0, crash - 500):crash + 3000]}"
 
-    # HTTP ------------------------------------------------------------------
-
-    def request(self, method, path, body=None, headers=None, source="127.0.0.1", timeout=90):
-        bind = self.env["SANDRUN_BIND"]
-        if bind.startswith("unix:"):
-            conn = UnixHTTPConnection(bind[len("unix:"):], timeout=timeout)
-        else:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout, source_address=(source, 0))
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-        finally:
-            conn.close()
-
-    def json(self, method, path, doc=None, source="127.0.0.1", headers=None):
-        body = json.dumps(doc).encode() if doc is not None else None
-        hdrs = {"Content-Type": "application/json", **(headers or {})} if doc is not None else headers
-        status, headers, data = self.request(method, path, body, hdrs, source)
-        return status, headers, json.loads(data) if data else None
-
-    def submit_code(self, code, interpreter="python3", wait=60, source="127.0.0.1", **manifest):
-        status, headers, doc = self.json("POST", f"/submit?wait={wait}", {"code": code, "interpreter": interpreter, **manifest}, source)
-        assert status in (200, 202), (status, doc)
-        return doc
-
-    def submit_files(self, files, manifest, wait=60, source="127.0.0.1"):
-        """files: [(filename, bytes)]; manifest: dict or raw string."""
-        body, ctype = multipart({"manifest": manifest if isinstance(manifest, str) else json.dumps(manifest)}, files)
-        return self.request("POST", f"/submit?wait={wait}", body, {"Content-Type": ctype}, source)
-
-    def run(self, code, interpreter="python3", source="127.0.0.1", **manifest):
-        """Submit, wait for the end, return (status doc, logs doc)."""
-        doc = self.submit_code(code, interpreter, source=source, **manifest)
-        doc = self.wait(doc["job_id"]) if doc["status"] not in ("completed", "failed") else doc
-        _, _, logs = self.json("GET", f"/logs/{doc['job_id']}")
-        return doc, logs
-
-    def run_files(self, files, manifest):
-        """Upload files (as submit_files), wait for the end, return (status doc, logs doc)."""
-        status, _, body = self.submit_files(files, manifest)
-        doc = json.loads(body)
-        assert status in (200, 202), (status, doc)
-        doc = self.wait(doc["job_id"]) if doc["status"] not in ("completed", "failed") else doc
-        return doc, self.json("GET", f"/logs/{doc['job_id']}")[2]
-
     def runner_pid(self):
         with open(os.path.join(self.state_dir, "runner", "alive")) as f:
             return int(f.read())
 
-    def start_sleeper(self, seconds=60, source="127.0.0.1"):
-        """A job that is running (it has said so) and will sleep for `seconds`; its id."""
-        doc = self.submit_code(f"import time\nprint('up', flush=True)\ntime.sleep({seconds})", wait=0, source=source)
-        deadline = time.monotonic() + 30
-        while self.json("GET", f"/logs/{doc['job_id']}")[2]["stdout"] != "up\n":
-            assert time.monotonic() < deadline, "the job did not start"
-            time.sleep(0.05)
-        return doc["job_id"]
 
-    def wait(self, job_id, seconds=60):
-        deadline = time.monotonic() + seconds + 30
-        while time.monotonic() < deadline:
-            status, _, doc = self.json("GET", f"/status/{job_id}?wait=60")
-            assert status == 200, (status, doc)
-            if doc["status"] in ("completed", "failed"):
-                return doc
-        raise AssertionError(f"job {job_id} did not finish")
+class Nginx(Client):
+    """A shipped site file (image/nginx/<site>) in a real nginx (Debian's, unpacked by make test)
+    on a free loopback port. Only addresses and paths change: `edits` maps each text to its
+    replacement; `files` are written beside the site (as /etc/nginx/<name> is included)."""
+
+    BINARY = os.path.join(ROOT, "build", "nginx", "usr", "sbin", "nginx")
+
+    def __init__(self, workdir, site, edits, files=None):
+        self.dir, self.port = os.path.join(workdir, "nginx"), _free_port()
+        os.makedirs(self.dir)
+        with open(os.path.join(ROOT, "image", "nginx", site)) as f:
+            text = f.read()
+        edits = {"listen 80 default_server;": f"listen 127.0.0.1:{self.port} default_server;", "listen [::]:80 default_server;\n": "",
+                 "/var/log/nginx/error.log": f"{self.dir}/error.log", **edits}  # fmt: skip
+        for name, content in (files or {}).items():
+            with open(os.path.join(self.dir, name), "w") as f:
+                f.write(content)
+            edits[f"/etc/nginx/{name}"] = os.path.join(self.dir, name)
+        for old, new in edits.items():
+            assert old in text, f"{site} no longer says {old!r}"
+            text = text.replace(old, new)
+        with open(os.path.join(self.dir, "site.conf"), "w") as f:
+            f.write(text)
+        temps = "".join(f"{kind}_temp_path {self.dir}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        with open(os.path.join(self.dir, "nginx.conf"), "w") as f:
+            f.write(f"daemon off;\nuser root;\nworker_processes 1;\npid {self.dir}/nginx.pid;\nerror_log {self.dir}/error.log crit;\n"
+                    f"events {{ worker_connections 1024; }}\nhttp {{\n{temps}include {self.dir}/site.conf;\n}}\n")
+        self.proc = subprocess.Popen([self.BINARY, "-p", self.dir, "-c", f"{self.dir}/nginx.conf"])
+        deadline = time.monotonic() + 10
+        while not self.get("/health")[0] == 200:
+            assert time.monotonic() < deadline and self.proc.poll() is None, "nginx did not come up"
+            time.sleep(0.1)
+
+    def get(self, path, source="127.0.0.1"):
+        """(status, body) of a GET, or (None, b"") if the connection failed."""
+        try:
+            status, _, body = self.request("GET", path, source=source, timeout=5)
+            return status, body
+        except OSError:
+            return None, b""
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

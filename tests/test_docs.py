@@ -3,6 +3,8 @@
 import os
 import re
 
+import pytest
+
 import sandrun
 
 README = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
@@ -56,12 +58,17 @@ def _image_file(*parts):
         return f.read()
 
 
-def test_nginx_site_matches_the_servers_limits_and_socket():
-    site = _image_file("nginx", "sandrun.conf")
+@pytest.mark.parametrize("name", ["sandrun.conf", "sandrun-cluster.conf"])
+def test_nginx_sites_match_the_servers_limits(name):
+    site = _image_file("nginx", name)
     assert re.search(r"client_max_body_size (\d+)m;", site).group(1) == str(sandrun.UPLOAD_MAX_BYTES >> 20)
     assert f'"the limit is {sandrun.UPLOAD_MAX_BYTES} bytes"' in site  # nginx's own 413, in the contract's shape
     assert int(re.search(r"proxy_read_timeout (\d+)s;", site).group(1)) > max(sandrun.WAIT_MAX_S, sandrun.JOB_TIMEOUT_S)
     assert "proxy_set_header X-Forwarded-For $remote_addr;" in site  # replaced, never appended: no client can spoof it
+
+
+def test_nginx_site_matches_the_units_socket():
+    site = _image_file("nginx", "sandrun.conf")
     unit = _image_file("mkosi.extra", "etc", "systemd", "system", "sandrun.service")
     socket_path = re.search(r"server (unix:\S+);", site).group(1)
     assert f"Environment=SANDRUN_BIND={socket_path}\n" in unit

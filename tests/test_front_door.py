@@ -16,7 +16,7 @@ import time
 import zipfile
 
 import pytest
-from conftest import SUITE_ENV, Bystander, Server, alive, fill, make_tar, multipart
+from conftest import SUITE_ENV, Bystander, Nginx, Server, alive, fill, make_tar, multipart
 
 import sandrun
 
@@ -463,61 +463,12 @@ def test_a_request_trickled_a_byte_at_a_time_is_cut_at_the_deadline():
 
 # 3. ... and through nginx with the shipped site file -----------------------------------------
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NGINX = os.path.join(ROOT, "build", "nginx", "usr", "sbin", "nginx")
-
-
-class Nginx:
-    """The shipped site file (image/nginx/sandrun.conf) in a real nginx, on a free loopback port,
-    in front of a server on a UNIX socket: only the addresses and paths are changed."""
-
-    def __init__(self, server):
-        import subprocess
-
-        from conftest import _free_port
-
-        self.dir, self.port = os.path.join(server.workdir, "nginx"), _free_port()
-        os.makedirs(self.dir)
-        with open(os.path.join(ROOT, "image", "nginx", "sandrun.conf")) as f:
-            site = f.read()
-        site = site.replace("unix:/run/sandrun/http.sock", "unix:" + server.env["SANDRUN_BIND"][len("unix:"):])
-        site = site.replace("listen 80 default_server;", f"listen 127.0.0.1:{self.port} default_server;")
-        site = site.replace("listen [::]:80 default_server;\n", "").replace("/var/log/nginx/error.log", f"{self.dir}/error.log")
-        with open(os.path.join(self.dir, "site.conf"), "w") as f:
-            f.write(site)
-        temps = "".join(f"{kind}_temp_path {self.dir}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        with open(os.path.join(self.dir, "nginx.conf"), "w") as f:
-            f.write(f"daemon off;\nuser root;\nworker_processes 1;\npid {self.dir}/nginx.pid;\nerror_log {self.dir}/error.log crit;\n"
-                    f"events {{ worker_connections 1024; }}\nhttp {{\n{temps}include {self.dir}/site.conf;\n}}\n")
-        self.proc = subprocess.Popen([NGINX, "-p", self.dir, "-c", f"{self.dir}/nginx.conf"])
-        deadline = time.monotonic() + 10
-        while not self.get("/health")[0] == 200:
-            assert time.monotonic() < deadline and self.proc.poll() is None, "nginx did not come up"
-            time.sleep(0.1)
-
-    def get(self, path, source="127.0.0.1"):
-        import http.client
-
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5, source_address=(source, 0))
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            return response.status, response.read()
-        except OSError:
-            return None, b""
-        finally:
-            conn.close()
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(10)
-
 
 def test_through_nginx_slow_clients_never_reach_a_thread():
     srv = Server(SUITE_ENV, "nginx")
     srv.env["SANDRUN_BIND"] = f"unix:{srv.workdir}/http.sock"
     srv.start()
-    proxy = Nginx(srv)
+    proxy = Nginx(srv.workdir, "sandrun.conf", {"unix:/run/sandrun/http.sock": srv.env["SANDRUN_BIND"]})
     socks = []
     try:
         bystander = Bystander(srv)
