@@ -86,7 +86,7 @@ lint: setup  ## Compile every file and validate the gunicorn config
 	touch $@
 
 .PHONY: bench
-bench: setup .bench-apt.installed  ## Measure jail overhead, throughput, latency and memory (bench/results/)
+bench: setup .bench-apt.installed $(NGINX)  ## Measure jail overhead, throughput, latency, memory and a cluster (bench/results/)
 	$(VENV)/bin/python bench/bench.py
 
 ## Appliance image -------------------------------------------------------------
@@ -108,9 +108,10 @@ SOURCE_DATE_EPOCH := $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 .PHONY: image
 image: setup .image-apt.installed  ## Build the appliance disk image (build/image/sandrun.raw)
 	rm -rf build/image-root
-	mkdir -p build/image-root/opt/sandrun build/image-root/etc/nginx/sites-available
+	mkdir -p build/image-root/opt/sandrun build/image-root/etc/nginx/sites-available build/image-root/usr/local/bin
 	cp sandrun.py sandrun.html gunicorn.conf.py README.md build/image-root/opt/sandrun/
-	cp image/nginx/sandrun.conf build/image-root/etc/nginx/sites-available/
+	cp image/nginx/sandrun.conf image/nginx/sandrun-cluster.conf build/image-root/etc/nginx/sites-available/
+	cp image/nginx/sandrun-cluster-nodes build/image-root/usr/local/bin/
 	# The pinned versions make test ran with, built by the image's own Python (Debian 13's,
 	# in the tools tree): only what requirements.txt names, then proven to import.
 	image/tools build/tools python3 -m pip install -q --root-user-action=ignore --no-deps --no-compile \
@@ -128,8 +129,9 @@ image-boot: .image-apt.installed  ## Boot the image under qemu; nginx on 127.0.0
 	image/qemu $(IMAGE) $(IMAGE_PORT)
 
 .PHONY: image-test
-image-test: image  ## Build, boot, and run the smoke suite against the appliance
-	$(VENV)/bin/python -m pytest -p no:cacheprovider -W "ignore:'cgi' is deprecated:DeprecationWarning" -v tests/appliance_smoke.py
+image-test: image  ## Build, boot, and run the smoke suites against the appliance, alone and as a node and a front
+	$(VENV)/bin/python -m pytest -p no:cacheprovider -W "ignore:'cgi' is deprecated:DeprecationWarning" -v \
+		tests/appliance_smoke.py tests/appliance_cluster.py
 
 ## Stock hosts -------------------------------------------------------------------
 # Plain Debian 13 and 12 VMs (systemd, cgroup v2, no Sandrun unit) with this checkout

@@ -115,6 +115,9 @@ log = logging.getLogger("sandrun")
 # Units are in the names. There is no "0 means unlimited".
 
 
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
 class SettingsError(Exception):
     """A SANDRUN_* setting is malformed or inconsistent."""
 
@@ -123,9 +126,25 @@ class SettingsError(Exception):
 SETTINGS = {}
 
 
+def _setting(name):
+    """SANDRUN_<name> from the environment; else, under systemd, the credential sandrun.<name in
+    lower case> (how a booted image is configured without changing its disk); else None."""
+    raw = os.environ.get("SANDRUN_" + name)
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if raw is None and credentials:
+        try:
+            with open(os.path.join(credentials, "sandrun." + name.lower()), "rb") as f:
+                raw = f.read(4 * KiB).decode().strip()
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"credential sandrun.{name.lower()}: {exc}") from None
+    return raw
+
+
 def _env_int(name, default, low, high):
     SETTINGS["SANDRUN_" + name] = default
-    raw = os.environ.get("SANDRUN_" + name)
+    raw = _setting(name)
     if raw is None:
         return default
     try:
@@ -139,10 +158,8 @@ def _env_int(name, default, low, high):
 
 def _env_str(name, default):
     SETTINGS["SANDRUN_" + name] = default
-    return os.environ.get("SANDRUN_" + name, default)
-
-
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+    raw = _setting(name)
+    return default if raw is None else raw
 
 #: Where jobs, the queue and rate-limit ledgers live; mounted as a tmpfs if it is not one.
 STATE_DIR = os.path.abspath(_env_str("STATE_DIR", "/run/sandrun"))

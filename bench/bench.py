@@ -15,6 +15,10 @@ mean anything; absolute times are printed for orientation. Four parts:
 3. Latency for one person: POST /submit?wait= of print(1) on an idle server.
 4. Memory: proportional set size (PSS, shared pages split fairly) of the
    idle service, and the extra per running job.
+5. A cluster on this machine: throughput of trivial python3 jobs from 8
+   client addresses, straight to one node, then through nginx with the
+   shipped cluster site before 1, 2 and 3 nodes. All share this machine's
+   CPUs, so the ratios show what the front costs, not how a cluster scales.
 
 Run as root: `make bench`. Writes bench/results/<UTC time>.json and prints a
 table. Rate limits are raised for the benchmark's own server only.
@@ -300,6 +304,50 @@ class Server:
         shutil.rmtree(self.workdir)
 
 
+class Front(Server):
+    """nginx with the shipped cluster site (the tests' harness) before `nodes`, Servers with SANDRUN_NODE."""
+
+    def __init__(self, nodes):
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        from conftest import Nginx
+
+        self.nodes, self.workdir = nodes, tempfile.mkdtemp(prefix="sandrun-bench-front-")
+        listing = subprocess.run(["sh", os.path.join(ROOT, "image", "nginx", "sandrun-cluster-nodes"),
+                                  *(f"{node.env['SANDRUN_NODE']}=127.0.0.1:{node.port}" for node in nodes)],
+                                 check=True, capture_output=True, text=True).stdout  # fmt: skip
+        self.nginx = Nginx(self.workdir, "sandrun-cluster.conf", {}, files={"sandrun-nodes.conf": listing})
+        self.port = self.nginx.port
+
+    def pids(self):
+        return [self.nginx.proc.pid, *_children(self.nginx.proc.pid)] + [pid for node in self.nodes for pid in node.pids()]
+
+    def stop(self):
+        self.nginx.stop()
+        shutil.rmtree(self.workdir)
+
+
+def part5():
+    """Throughput at concurrency 8 straight to one node, and through the front before 1, 2 and 3."""
+    env = {**SUITE_LIMITS, "SANDRUN_FORWARDED_ALLOW_IPS": "127.0.0.1"}
+    nodes = [Server({**env, "SANDRUN_NODE": name}) for name in ("a", "b", "c")]
+    try:
+        result = {}
+        for name, target in [("direct, 1 node", None), *((f"front, {n} node{'s' * (n > 1)}", n) for n in (1, 2, 3))]:
+            server = nodes[0] if target is None else Front(nodes[:target])
+            try:
+                server.run_job("print(1)", "python3", "127.0.0.2")  # warm-up
+                level = throughput(server, "python3", 8)
+            finally:
+                if target is not None:
+                    server.stop()
+            result[name] = {"jobs_per_s": level["jobs_per_s"], "latency_ms": level["latency_ms"],
+                            "nginx_cpu_ms_per_job": level["cpu_ms_per_job"].get("nginx", 0.0)}  # fmt: skip
+        return result
+    finally:
+        for node in nodes:
+            node.stop()
+
+
 def pss_bytes(pid):
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -467,6 +515,12 @@ def report(results):
     print(f"\n4. Memory: idle service {mem['idle_pss_bytes'] / 2**20:.1f} MiB PSS ({mem['processes']} processes; "
           f"RSS summed {mem['idle_rss_sum_bytes'] / 2**20:.1f} MiB); "
           f"+{mem['extra_pss_per_running_job_bytes'] / 2**20:.2f} MiB PSS per running job")
+    print("\n5. A cluster on this one machine (python3 print(1), 8 clients): jobs/s, latency p50/p95 (ms), nginx CPU per job (ms)")
+    direct = results["cluster"]["direct, 1 node"]["jobs_per_s"]
+    for name, row in results["cluster"].items():
+        lat = row["latency_ms"]
+        print(f"   {name:<16} {row['jobs_per_s']:6.1f} jobs/s = {row['jobs_per_s'] / direct:4.2f} x direct   "
+              f"{lat['p50']:6.1f} {lat['p95']:6.1f} ms   nginx {row['nginx_cpu_ms_per_job']:.2f}")
 
 
 def main():
@@ -497,6 +551,7 @@ def main():
         results["memory"] = part4(server, sleepers=os.cpu_count())  # MAX_RUNNING's default
     finally:
         server.stop()
+    results["cluster"] = part5()
     print(f"bench: all parts took {time.monotonic() - started:.0f} s", file=sys.stderr)
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, results["time"].replace(":", "") + ".json")

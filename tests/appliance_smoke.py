@@ -26,9 +26,10 @@ BOOT_TIMEOUT_S = 360  # TCG emulation boots in about a minute; a loaded 2-core m
 
 
 class Appliance:
-    def __init__(self):
+    def __init__(self, credentials=()):
+        """Boot the image; `credentials` are "name=value" system credentials (SMBIOS type 11)."""
         self.forwarded("sandrun-appliance-")
-        self.proc = subprocess.Popen([os.path.join(ROOT, "image", "qemu"), IMAGE, str(self.port), self.serial_log],
+        self.proc = subprocess.Popen([os.path.join(ROOT, "image", "qemu"), IMAGE, str(self.port), self.serial_log, *credentials],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
 
     def forwarded(self, prefix):
@@ -49,11 +50,12 @@ class Appliance:
             return ""
         return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
 
-    def wait_until_up(self):
+    def wait_until_up(self, banner="sandrun: process"):
+        """Until /health answers 200 through nginx and the console shows `banner` (the boot is done)."""
         deadline = time.monotonic() + BOOT_TIMEOUT_S
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
-                if self.request("GET", "/health")[0] == 200 and "sandrun: process" in self.console():
+                if self.request("GET", "/health")[0] == 200 and banner in self.console():
                     return
             except OSError:
                 pass  # qemu forwards the port before the guest listens

@@ -154,3 +154,22 @@ def test_a_node_down_answers_503_for_its_jobs_and_new_jobs_go_elsewhere(cluster)
     for source, job_id in placed.items():
         if node_of(job_id) != "b":
             assert json.loads(front.request("GET", f"/logs/{job_id}")[2])["stdout"] == "kept\n"
+
+
+def test_settings_come_from_systemd_credentials_when_the_environment_lacks_them(tmp_path):
+    """How an appliance is made a node without changing its disk: credentials sandrun.<setting>."""
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    for name, value in {"node": "cred", "rate_jobs_per_hour": "7\n", "rate_concurrent_jobs": "9"}.items():
+        (creds / f"sandrun.{name}").write_text(value)
+    env = {k: v for k, v in SUITE_ENV.items() if k != "SANDRUN_RATE_JOBS_PER_HOUR"}
+    server = Server({**env, "CREDENTIALS_DIRECTORY": str(creds), "SANDRUN_RATE_CONCURRENT_JOBS": "3"}, "credentials")
+    server.env.pop("SANDRUN_RATE_JOBS_PER_HOUR", None)  # nor from this shell
+    server.start()
+    try:
+        info = server.json("GET", "/")[2]
+        assert info["node"] == "cred" and info["limits"]["concurrent_jobs_per_ip"] == 3, info  # the environment wins
+        assert info["limits"]["jobs_per_hour_per_ip"] == 7, info
+        assert node_of(server.submit_code("print(1)")["job_id"]) == "cred"
+    finally:
+        server.stop()
