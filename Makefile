@@ -55,7 +55,7 @@ user:
 	getent passwd $(HTTP_USER) >/dev/null || useradd --system --gid $(HTTP_USER) --no-create-home \
 		--home-dir /nonexistent --shell /usr/sbin/nologin $(HTTP_USER)
 
-$(VENV)/.installed: .apt.installed requirements.txt requirements-dev.txt | user
+$(VENV)/.installed: .apt.installed requirements.txt requirements-dev.txt requirements-mcp.txt | user
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $@
@@ -76,7 +76,7 @@ test: setup .test-apt.installed $(NGINX)  ## Run the whole suite against a real 
 
 .PHONY: lint
 lint: setup  ## Compile every file and validate the gunicorn config
-	$(VENV)/bin/python -m py_compile sandrun.py sandrun_client.py gunicorn.conf.py bench/bench.py tests/*.py
+	$(VENV)/bin/python -m py_compile sandrun.py sandrun_client.py sandrun_mcp.py gunicorn.conf.py bench/bench.py tests/*.py
 	$(VENV)/bin/gunicorn --check-config -c gunicorn.conf.py sandrun:app
 
 ## Benchmark ---------------------------------------------------------------------

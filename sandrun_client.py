@@ -71,6 +71,10 @@ class SandrunClient:
 
     # Reading
 
+    def info(self):
+        """GET /: the service, its languages (with versions and python3's packages), limits and queue."""
+        return self._json("GET", "/")
+
     def get_status(self, job_id, wait=None):
         return self._json("GET", f"/status/{job_id}" + _query(wait=wait))
 
