@@ -50,9 +50,9 @@ class Appliance:
             return ""
         return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
 
-    def wait_until_up(self, banner="sandrun: process"):
+    def wait_until_up(self, banner="sandrun: process", timeout=BOOT_TIMEOUT_S):
         """Until /health answers 200 through nginx and the console shows `banner` (the boot is done)."""
-        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 if self.request("GET", "/health")[0] == 200 and banner in self.console():
@@ -63,7 +63,7 @@ class Appliance:
         self.stop()
         console = self.console()
         shutil.rmtree(self.workdir)
-        pytest.fail(f"the appliance did not come up in {BOOT_TIMEOUT_S} s (qemu: {self.proc.returncode}); "
+        pytest.fail(f"the appliance did not come up in {timeout} s (qemu: {self.proc.returncode}); "
                     f"serial console:\n{console[-20000:]}", pytrace=False)
 
     def stop(self):
