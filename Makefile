@@ -75,7 +75,8 @@ test: setup .test-apt.installed $(NGINX)  ## Run the whole suite against a real 
 	$(VENV)/bin/python -m pytest -p no:cacheprovider -W "ignore:'cgi' is deprecated:DeprecationWarning" tests/
 
 .PHONY: lint
-lint: setup  ## Compile every file and validate the gunicorn config
+lint: setup  ## ruff (ruff.toml), compile every file, and validate the gunicorn config
+	$(VENV)/bin/ruff check
 	$(VENV)/bin/python -m py_compile sandrun.py sandrun_client.py sandrun_mcp.py gunicorn.conf.py bench/bench.py tests/*.py
 	$(VENV)/bin/gunicorn --check-config -c gunicorn.conf.py sandrun:app
 

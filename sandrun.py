@@ -61,6 +61,7 @@ import email.message
 import email.utils
 import errno
 import fcntl
+import functools
 import gc
 import grp
 import gzip
@@ -398,7 +399,7 @@ EXTENSION_INTERPRETERS = {
     ".py": "python3", ".js": "node", ".mjs": "node", ".cjs": "node", ".sh": "bash",
     ".pl": "perl", ".rb": "ruby", ".php": "php", ".lua": "lua",
     ".c": "c", ".cc": "cpp", ".cpp": "cpp", ".cxx": "cpp",
-}  # fmt: skip
+}
 #: Languages that compile, inside the jail, before they run: name -> (compiler, flags before the
 #: sources, the job's sources of that language, flags after). The program is PROGRAM_PATH.
 COMPILERS = {
@@ -509,7 +510,7 @@ def manifest_parse(doc, *, code_form):
     return {
         "entrypoint": entrypoint, "interpreter": interpreter, "args": args, "stdin": stdin,
         "env": env, "outputs": outputs, "timeout": timeout, "memory_mb": memory_mb,
-    }  # fmt: skip
+    }
 
 
 def output_matcher(patterns):
@@ -1306,7 +1307,7 @@ def quota(key, now, uploading=0):
         "jobs_this_hour": len(submits), "jobs_per_hour_limit": RATE_JOBS_PER_HOUR,
         "cpu_seconds_used": round(cpu_used, 3), "cpu_seconds_limit": RATE_CPU_S_PER_MIN,
         "can_submit": True, "reason": None,
-    }  # fmt: skip
+    }
     retry = 0
     if active >= RATE_CONCURRENT_JOBS:
         doc["reason"], retry = "concurrent_jobs", 5
@@ -1330,7 +1331,7 @@ def rate_limit_check(key, now, uploading=0):
             "cpu_seconds_per_minute": f"at most {RATE_CPU_S_PER_MIN} CPU seconds per minute per client",
         }[doc["reason"]]
         raise http_error(429, "rate limit exceeded", details, headers={"Retry-After": str(retry)},
-                         retry_after=retry, reason=doc["reason"])  # fmt: skip
+                         retry_after=retry, reason=doc["reason"])
     return submits
 
 
@@ -1447,7 +1448,7 @@ def status_public(record):
     """A client's status document from the runner's record, which holds the output list once."""
     doc = dict(record["public"])
     doc["output_files"] = {o["name"]: {"path": o["name"], "size_bytes": o["size"], "sha256_hash": o["sha256"], "type": "file"}
-                           for o in record["outputs"]}  # fmt: skip
+                           for o in record["outputs"]}
     return doc
 
 
@@ -1476,7 +1477,7 @@ def _status_queued(job_id, created_ts, position):
         "job_id": job_id, "status": "queued", "queue_position": position, "reason": None,
         "exit_code": None, "signal": None, "execution_metadata": None, "output_files": {},
         "created_at": _utc(created_ts), "started_at": None, "finished_at": None, "expires_at": None,
-    }  # fmt: skip
+    }
 
 
 def spool_delete(job_id):
@@ -1630,7 +1631,7 @@ SECCOMP_ALLOW = sorted("""
     sysinfo tee tgkill time timer_create timer_delete timer_getoverrun timer_gettime
     timer_settime timerfd_create timerfd_gettime timerfd_settime times tkill truncate umask uname
     unlink unlinkat utime utimensat utimes vfork wait4 waitid write writev
-""".split())  # fmt: skip
+""".split())
 #: Denied with EPERM, each for a named reason.
 SECCOMP_DENY = {
     "acct": "host accounting", "add_key": "keyrings are not namespaced: cross-job channel",
@@ -1658,7 +1659,7 @@ SECCOMP_DENY = {
     "syncfs": "flushes a host filesystem: an I/O lever, as sync",
     "inotify_init": "watches the shared /usr: which files other jobs open", "inotify_init1": "watches the shared /usr",
     "inotify_add_watch": "watches the shared /usr", "inotify_rm_watch": "watches the shared /usr",
-}  # fmt: skip
+}
 #: socket() and socketpair() families allowed; the job's netns holds only its own loopback.
 #: AF_VSOCK, AF_PACKET and AF_NETLINK are not (fully) namespaced, so they get EAFNOSUPPORT.
 SOCKET_FAMILIES = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
@@ -1803,9 +1804,9 @@ def cgroup_delegate():
         why = f"lacks the controllers {', '.join(missing)}"
     where = "even in the scope systemd-run made" if reexecuted else "and no systemd runs here to delegate a scope"
     command = ("mkdir -p /sys/fs/cgroup/sandrun && echo '+memory +pids +cpu' > /sys/fs/cgroup/cgroup.subtree_control && "
-               f"sh -c 'echo $$ > /sys/fs/cgroup/sandrun/cgroup.procs && exec \"$@\"' sh {shlex.join(argv)}")  # fmt: skip
+               f"sh -c 'echo $$ > /sys/fs/cgroup/sandrun/cgroup.procs && exec \"$@\"' sh {shlex.join(argv)}")
     raise HostError(f"cgroups: {base} {why} ({where}); on cgroup v2 the server must be the only process of a cgroup "
-                    f"that has memory, pids and cpu. Start it alone in a cgroup of its own, for example: {command}")  # fmt: skip
+                    f"that has memory, pids and cpu. Start it alone in a cgroup of its own, for example: {command}")
 
 
 def _comm(pid):
@@ -1859,7 +1860,8 @@ class Cgroups:
             with contextlib.suppress(OSError):  # a failed start leaves nothing in the caller's cgroup
                 _write(os.path.join(base, "cgroup.procs"), str(os.getpid()))
                 os.rmdir(leaf)
-            raise HostError(f"cgroups: cannot enable controllers in {base} ({exc.strerror}); it must hold no other processes (systemd Delegate=yes)") from None
+            raise HostError(f"cgroups: cannot enable controllers in {base} ({exc.strerror}); "
+                            "it must hold no other processes (systemd Delegate=yes)") from None
 
     def job_dirs(self, name):
         if self.version == 2:
@@ -1877,10 +1879,10 @@ class Cgroups:
             os.mkdir(path, 0o700)
         if self.version == 2:
             limits = [("memory", "memory.swap.max", "0"), ("memory", "memory.oom.group", "1"),
-                      ("pids", "pids.max", str(JOB_PIDS_MAX)), ("cpu", "cpu.max", f"{CPU_PERIOD_US} {CPU_PERIOD_US}")]  # fmt: skip
+                      ("pids", "pids.max", str(JOB_PIDS_MAX)), ("cpu", "cpu.max", f"{CPU_PERIOD_US} {CPU_PERIOD_US}")]
         else:
             limits = [("pids", "pids.max", str(JOB_PIDS_MAX)), ("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US)),
-                      ("cpu", "cpu.cfs_quota_us", str(CPU_PERIOD_US))]  # fmt: skip
+                      ("cpu", "cpu.cfs_quota_us", str(CPU_PERIOD_US))]
         self._set(name, limits)
         self.limit_memory(name, memory_bytes)
 
@@ -2035,7 +2037,7 @@ JAIL_ROOT_SIZE = "1m"  # the root tmpfs holds only mount points and a few /etc f
 #: (python3.N: each Python version's own, /etc/python3.11 on Debian 12, 3.13 on Debian 13;
 #: matplotlibrc: Debian's matplotlib will not import without it; fonts: fontconfig's).
 JAIL_ETC_BINDS = ("alternatives", "fonts", "ld.so.cache", "localtime", "matplotlibrc", "nsswitch.conf", "perl", "python3",
-                  *sorted(n for n in os.listdir("/etc") if re.fullmatch(r"python3\.\d+", n)), "ssl")  # fmt: skip
+                  *sorted(n for n in os.listdir("/etc") if re.fullmatch(r"python3\.\d+", n)), "ssl")
 #: Every job's environment, under the manifest's `env`, which may override any of it. BLAS and
 #: OpenMP get one thread each: they would start one per host CPU, against pids.max. matplotlib
 #: gets a backend without a display and a writable config directory.
@@ -2045,7 +2047,7 @@ JOB_ENV = {
     "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
     "MPLBACKEND": "Agg", "MPLCONFIGDIR": "/tmp/matplotlib",
     "XDG_CACHE_HOME": "/tmp/.cache",  # fontconfig's cache (matplotlib runs fc-list) is not an output
-}  # fmt: skip
+}
 #: Device nodes a program expects; bound from the host, never created (no mknod).
 JAIL_DEV_NODES = ("full", "null", "random", "urandom", "zero")
 #: What a job reads in /proc/1/cmdline: nothing of the host's command line or paths.
@@ -2068,7 +2070,7 @@ class JailSpec:
         if manifest["interpreter"] in COMPILERS:
             _, before, extensions, after = COMPILERS[manifest["interpreter"]]
             self.compile = {"argv": [interpreter["path"], *before], "entrypoint": manifest["entrypoint"],
-                            "extensions": extensions, "after": ["-o", PROGRAM_PATH, *after]}  # fmt: skip
+                            "extensions": extensions, "after": ["-o", PROGRAM_PATH, *after]}
             self.argv = [PROGRAM_PATH, *manifest["args"]]
         else:
             self.argv = [interpreter["path"]]
@@ -2450,7 +2452,7 @@ def jail_run(ends, step):
         argv = [*job["compile"]["argv"], *_jail_sources(job["compile"]), *job["compile"]["after"]]
         pid = os.posix_spawn(argv[0], argv, job["env"], setsigmask=(), file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, ends.stderr_w, 1),
-            (os.POSIX_SPAWN_DUP2, ends.stderr_w, 2)])  # fmt: skip
+            (os.POSIX_SPAWN_DUP2, ends.stderr_w, 2)])
     else:
         pid = _jail_spawn(job, ends, stdin_fd)
     ends.setup.send(MSG_STARTED)  # the job runs: a jail that dies before this line ran nothing
@@ -2762,7 +2764,7 @@ def languages_probe(factory, cgroups):
             code = shlex.quote(f"import {module}; print({module}.__version__)")
             lines.append(f"printf '\\n@@ package {module}\\n'; {INTERPRETERS['python3']['path']} -c {code} 2>/dev/null; printf '\\n@@ end %d\\n' $?")
     status, out = _probe_job(factory, cgroups, ("\n".join(lines) + "\n").encode(), timeout=LANGUAGE_PROBE_TIMEOUT_S,
-                             memory_mb=LANGUAGE_PROBE_MEMORY_MB)  # fmt: skip
+                             memory_mb=LANGUAGE_PROBE_MEMORY_MB)
     if os.waitstatus_to_exitcode(status) != 0:
         log.warning("event=language_probe_incomplete status=%d", status)  # what answered still counts
     found = {"sh": {"version": os.path.basename(os.path.realpath(INTERPRETERS["sh"]["path"]))}}  # the probe ran in it
@@ -3133,7 +3135,7 @@ class Runner:
         if len(self.spares) >= SPARE_JAILS or self.stopping or time.monotonic() < self.spare_retry:
             return False
         return not any(j.handle is not None and not j.exec_done and j.setup_error is None and j.forced_reason is None
-                       for j in self.jobs.values())  # fmt: skip
+                       for j in self.jobs.values())
 
     def _recover(self):
         """Results of a runner that died: jobs it ran are failed; the rest expire as usual.
@@ -3296,7 +3298,8 @@ class Runner:
         self.selector.register(h.stderr_r, selectors.EVENT_READ, ("out", job))
         self.selector.register(h.setup, selectors.EVENT_READ, ("setup", job))
         self.selector.register(h.pidfd, selectors.EVENT_READ, ("exit", job))
-        log.info("job=%s state=running interpreter=%s memory_mb=%d timeout_s=%s", job.id, job.manifest["interpreter"], job.manifest["memory_mb"], job.manifest["timeout"])
+        log.info("job=%s state=running interpreter=%s memory_mb=%d timeout_s=%s",
+                 job.id, job.manifest["interpreter"], job.manifest["memory_mb"], job.manifest["timeout"])
 
     # 6.3 Spare jails: the part of each jail that is the same for every job is
     # built before the job comes, while the runner waits or jobs run.
@@ -3457,7 +3460,7 @@ class Runner:
             "cpu_seconds": round(job.cpu_s, 3) if job.cpu_s is not None else None, "memory_peak_bytes": job.memory_peak,
             "wall_time_ms": wall_ms, "exit_code": exit_code,
             "interpreter": job.manifest["interpreter"] if job.manifest else None,
-        }  # fmt: skip
+        }
         self._release(job)
         if job.deleted:
             self._erase(job.id)
@@ -3468,7 +3471,7 @@ class Runner:
         _METRICS.job_finished("deleted" if job.deleted else state, reason, wall_ms / 1000, job.cpu_s)
         log.info("job=%s state=%s reason=%s exit_code=%s signal=%s oom_kill=%d wall_ms=%d cpu_ms=%s outputs=%d",
                  job.id, "deleted" if job.deleted else state, reason, exit_code, signum, job.oom_kills, wall_ms,
-                 int(job.cpu_s * 1000) if job.cpu_s is not None else None, len(job.collected.files))  # fmt: skip
+                 int(job.cpu_s * 1000) if job.cpu_s is not None else None, len(job.collected.files))
 
     def _abort(self, job):
         """A step for this job failed: kill its jail, drop its results, record internal_error, let it go.
@@ -3482,7 +3485,7 @@ class Runner:
             ("release", lambda: self._release(job)),
             ("results", lambda: self._drop_results(job.id)),
             ("record", lambda: None if job.deleted else self._write_final(job, "failed", reason="internal_error", finished=time.time())),
-        )  # fmt: skip
+        )
         job.collector = None
         failed = set()
         for what, part in parts:
@@ -3536,12 +3539,12 @@ class Runner:
             "exit_code": exit_code, "signal": signum, "execution_metadata": meta,
             "created_at": _utc(job.created_ts), "started_at": _utc(job.started_ts),
             "finished_at": _utc(finished), "expires_at": _utc(expires),
-        }  # fmt: skip
+        }
         return {
             "public": public, "outputs": job.collected.files, "outputs_truncated": job.collected.truncated,
             "stdout_truncated": bool(job.logs.get(1) and job.logs[1].truncated),
             "stderr_truncated": bool(job.logs.get(2) and job.logs[2].truncated), "expires_ts": expires,
-        }  # fmt: skip
+        }
 
     def _write_record(self, job, state, **fields):
         """Write a job's record; OSError if the state tmpfs is full, ValueError if it is over its bound."""
@@ -3724,7 +3727,7 @@ def outputs_collect(work_fd, files_fd, patterns, got):
                     continue
                 size_name = len(rel.encode())
                 if (len(got.files) >= OUTPUT_FILES_MAX or size_name > PATH_MAX_BYTES or got.names_bytes + size_name > OUTPUT_NAMES_MAX_BYTES
-                        or got.bytes + st.st_size > JOB_WORKDIR_MAX_BYTES):  # fmt: skip
+                        or got.bytes + st.st_size > JOB_WORKDIR_MAX_BYTES):
                     got.truncated = True
                     continue
                 copied = yield from _output_copy(top.fd, name, st, _dest_dir(stack), rel)
@@ -3879,7 +3882,7 @@ _WAITS, _TRANSFERS = _Shares(WAITS_MAX, LONG_ANSWERS_PER_CLIENT), _Shares(TRANSF
 
 def _long_answer_refused(what):
     return http_error(503, "busy", f"this client or worker already has as many {what} as it may; try again shortly",
-                      headers={"Retry-After": "5"})  # fmt: skip
+                      headers={"Retry-After": "5"})
 
 
 class _SlotIter:
@@ -4000,7 +4003,7 @@ def languages_describe():
     doc = {}
     for name, info in sorted(INTERPRETERS.items()):
         entry = {"version": info["version"], "extensions": [ext for ext, lang in EXTENSION_INTERPRETERS.items() if lang == name],
-                 "compiles": name in COMPILERS}  # fmt: skip
+                 "compiles": name in COMPILERS}
         if name in COMPILERS:
             compiler, before, _, after = COMPILERS[name]
             entry["compile_command"] = " ".join([compiler, *before, "<entrypoint>", "<sources...>", "-o", PROGRAM_PATH, *after])
@@ -4021,7 +4024,7 @@ def handle_info(req):
     if req.accept.best_match(["application/json", "text/html"]) == "text/html":  # a browser; curl and clients get JSON
         response = webob.Response(body=PAGE, content_type="text/html", charset="utf-8")
         response.headers.update({"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
-                                 "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})  # fmt: skip
+                                 "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})
         return response
     return _json({
         "service": "sandrun", "version": VERSION, "status": "running", "node": NODE,
@@ -4033,7 +4036,7 @@ def handle_info(req):
             "jobs_per_hour_per_ip": RATE_JOBS_PER_HOUR, "upload_bytes_max": UPLOAD_MAX_BYTES,
         },
         "queue": _system_load(),
-    })  # fmt: skip
+    })
 
 
 def _system_load():
@@ -4058,7 +4061,7 @@ def handle_submit(req):
     # The most this upload writes: the JSON body is read into memory; a multipart body
     # spools one part at a time (at most the body), and the payload may unpack to its cap.
     reserve = MANIFEST_MAX_BYTES + PAYLOAD_MEMBER_BYTES if media == "application/json" else \
-        req.content_length + UNPACKED_MAX_BYTES + UNPACKED_MEMBERS_MAX * PAYLOAD_MEMBER_BYTES  # fmt: skip
+        req.content_length + UNPACKED_MAX_BYTES + UNPACKED_MEMBERS_MAX * PAYLOAD_MEMBER_BYTES
     job_id = JOB_ID_PREFIX + secrets.token_hex(16)
     incoming = upload_admit(job_id, key, reserve, now)
     try:
@@ -4128,7 +4131,7 @@ def _intake_multipart(req, writer, incoming):
             if manifest is not None:
                 raise http_error(400, "invalid form", "send exactly one 'manifest' field")
             manifest = bytearray()
-            reader.read_part(lambda data: _manifest_extend(manifest, data))
+            reader.read_part(functools.partial(_manifest_extend, manifest))
             continue
         if not params.get("filename"):
             raise http_error(400, "invalid form", "each 'files' part must be a file upload with a filename")
@@ -4188,7 +4191,8 @@ def handle_logs(req, job_id):
             f.close()
         slots.give(client)
         raise
-    truncated = {name: bool(record and record.get(name + "_truncated")) or sizes.get(name, 0) >= OUTPUT_STREAM_MAX_BYTES for name in ("stdout", "stderr")}
+    truncated = {name: bool(record and record.get(name + "_truncated")) or sizes.get(name, 0) >= OUTPUT_STREAM_MAX_BYTES
+                 for name in ("stdout", "stderr")}
     body = _SlotIter(_logs_json(files, truncated), slots, client, lambda: [f.close() for f in files.values()])
     return webob.Response(app_iter=body, content_type="application/json", charset="utf-8")
 
@@ -4302,7 +4306,7 @@ def handle_metrics(req):
             counters[name].update(series)
         for name, h in doc.get("histograms", {}).items():
             total = histograms.setdefault(name, {"buckets": [0] * len(METRICS_BUCKETS_S), "count": 0, "sum": 0.0})
-            total["buckets"] = [a + b for a, b in zip(total["buckets"], h["buckets"])]
+            total["buckets"] = [a + b for a, b in zip(total["buckets"], h["buckets"], strict=True)]
             total["count"] += h["count"]
             total["sum"] += h["sum"]
     load = _system_load()
@@ -4321,7 +4325,7 @@ def handle_metrics(req):
             lines.append(series(name, {}, gauges[name]))
         elif kind == "histogram":
             h = histograms.get(name, {"buckets": [0] * len(METRICS_BUCKETS_S), "count": 0, "sum": 0.0})
-            lines += [series(f"{name}_bucket", {"le": bound}, n) for bound, n in zip(METRICS_BUCKETS_S, h["buckets"])]
+            lines += [series(f"{name}_bucket", {"le": bound}, n) for bound, n in zip(METRICS_BUCKETS_S, h["buckets"], strict=True)]
             lines += [series(f"{name}_bucket", {"le": "+Inf"}, h["count"]), series(f"{name}_sum", {}, f"{h['sum']:.6f}"),
                       series(f"{name}_count", {}, h["count"])]
         elif not counters[name]:
@@ -4361,9 +4365,9 @@ def openapi_document():
             "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": JOB_TIMEOUT_S, "default": JOB_TIMEOUT_S},
             "memory_mb": {"type": "integer", "minimum": JOB_MEMORY_MIN_BYTES // MiB, "maximum": JOB_MEMORY_MAX_BYTES // MiB,
                           "default": JOB_MEMORY_MAX_BYTES // MiB},
-        }, [], more=True),  # fmt: skip
+        }, [], more=True),
         "CodeSubmission": {"allOf": [ref("Manifest"), {"type": "object", "required": ["code", "interpreter"],
-                                                       "properties": {"code": string}}]},  # fmt: skip
+                                                       "properties": {"code": string}}]},
         "Accepted": obj({"job_id": job_id, "status": {"const": "queued"}, "position": integer, "status_url": string}),
         "Status": obj({
             "job_id": job_id, "status": {"enum": ["queued", "running", "completed", "failed"]},
@@ -4376,26 +4380,27 @@ def openapi_document():
             "created_at": string, "started_at": null(string), "finished_at": null(string), "expires_at": null(string),
             "outputs_truncated": boolean,
         }, ["job_id", "status", "queue_position", "reason", "exit_code", "signal", "execution_metadata", "output_files",
-            "created_at", "started_at", "finished_at", "expires_at"]),  # fmt: skip
+            "created_at", "started_at", "finished_at", "expires_at"]),
         "Logs": obj({"stdout": string, "stderr": string, "stdout_truncated": boolean, "stderr_truncated": boolean}),
         "Outputs": obj({"job_id": job_id, "status": string, "total_files": integer, "total_bytes": integer, "outputs_truncated": boolean,
                         "files": {"type": "array", "items": obj({"name": string, "size": integer, "sha256": string,
-                                                                 "mime_type": string, "download_url": string})}}),  # fmt: skip
+                                                                 "mime_type": string, "download_url": string})}}),
         "Stats": obj({"your_quota": obj({"active_jobs": integer, "concurrent_limit": integer, "jobs_this_hour": integer,
                                          "jobs_per_hour_limit": integer, "cpu_seconds_used": number, "cpu_seconds_limit": number,
                                          "can_submit": boolean, "reason": null(string)}),
-                      "system": obj({"queued": integer, "running": integer})}),  # fmt: skip
+                      "system": obj({"queued": integer, "running": integer})}),
         "Info": obj({"service": {"const": "sandrun"}, "version": string, "status": string,
                      "node": {"type": "string", "pattern": "^[a-z0-9]{0,16}$", "description": "this node's name in a cluster; empty alone"},
                      "interpreters": {"type": "object", "additionalProperties": string},
                      "languages": {"type": "object", "examples": [languages], "additionalProperties": obj({
                          "version": string, "extensions": {"type": "array", "items": string}, "compiles": boolean,
                          "compile_command": {"type": "string", "description": "how a language that compiles builds /tmp/program"},
-                         "packages": {"type": "object", "additionalProperties": string, "description": "python3: importable packages and their versions"},
+                         "packages": {"type": "object", "additionalProperties": string,
+                                      "description": "python3: importable packages and their versions"},
                      }, ["version", "extensions", "compiles"])},
                      "limits": obj({"timeout_seconds_max": number, "memory_mb_max": integer, "cpu_seconds_per_minute": number,
                                     "concurrent_jobs_per_ip": integer, "jobs_per_hour_per_ip": integer, "upload_bytes_max": integer}),
-                     "queue": obj({"queued": integer, "running": integer})}),  # fmt: skip
+                     "queue": obj({"queued": integer, "running": integer})}),
         "Health": obj({"status": {"const": "healthy"}}),
         "Unhealthy": obj({"status": {"const": "unhealthy"}, "error": string, "details": string}),
     }
@@ -4412,10 +4417,10 @@ def openapi_document():
     retry = {"Retry-After": "seconds to wait"}
     wait = {"name": "wait", "in": "query", "required": False,
             "description": "hold the answer up to this many seconds until the job has ended",
-            "schema": {"type": "number", "minimum": 0, "maximum": WAIT_MAX_S}}  # fmt: skip
+            "schema": {"type": "number", "minimum": 0, "maximum": WAIT_MAX_S}}
     job = {"name": "job_id", "in": "path", "required": True, "schema": job_id}
     job_links = {name: {"operationId": name, "parameters": {"job_id": "$response.body#/job_id"}}
-                 for name in ("getStatus", "getLogs", "getOutputs", "getArchive", "deleteJob")}  # fmt: skip
+                 for name in ("getStatus", "getLogs", "getOutputs", "getArchive", "deleteJob")}
     not_found = error("no such job (never, expired or deleted)")
     paths = {
         "/": {"get": {"summary": "Service info: interpreters, limits, queue", "responses": {"200": answer("info", ref("Info"))}}},
@@ -4449,13 +4454,15 @@ def openapi_document():
                                       "responses": {"200": answer("outputs", ref("Outputs")), "404": not_found}}},
         "/download/{job_id}": {"get": {"operationId": "getArchive", "summary": "All output files as one .tar.gz", "parameters": [job],
                                        "responses": {"200": answer("archive", {"type": "string", "format": "binary"}, "application/gzip"),
-                                                     "404": not_found, "503": error("this client or worker has as many transfers as it may", headers=retry)}}},
+                                                     "404": not_found,
+                                                     "503": error("this client or worker has as many transfers as it may", headers=retry)}}},
         "/download/{job_id}/{path}": {"get": {
             "summary": "One output file, as an attachment",
             "parameters": [job, {"name": "path", "in": "path", "required": True, "schema": string}],
             "responses": {"200": answer("the file, with the media type its name suggests", {"type": "string", "format": "binary"}, "*/*"),
                           "404": error("no such job or file")}}},
-        "/jobs/{job_id}": {"delete": {"operationId": "deleteJob", "summary": "Kill the job if it runs and erase everything about it", "parameters": [job],
+        "/jobs/{job_id}": {"delete": {"operationId": "deleteJob", "summary": "Kill the job if it runs and erase everything about it",
+                                      "parameters": [job],
                                       "responses": {"204": answer("erased"), "404": not_found}}},
         "/stats": {"get": {"summary": "The caller's quota and the queue", "responses": {"200": answer("stats", ref("Stats"))}}},
         "/metrics": {"get": {"summary": "Prometheus text: aggregates only",
@@ -4467,7 +4474,7 @@ def openapi_document():
     }
     return {"openapi": "3.1.0", "info": {"title": "Sandrun", "version": VERSION,
                                          "description": "Anonymous, ephemeral, sandboxed code execution over HTTP."},
-            "paths": paths, "components": {"schemas": schemas}}  # fmt: skip
+            "paths": paths, "components": {"schemas": schemas}}
 
 
 def handle_openapi(req):
@@ -4480,10 +4487,10 @@ def handle_outputs(req, job_id):
         {"name": o["name"], "size": o["size"], "sha256": o["sha256"], "mime_type": o["mime_type"],
          "download_url": f"/download/{job_id}/{_url_path(o['name'])}"}
         for o in (record or {}).get("outputs", [])
-    ]  # fmt: skip
+    ]
     return _json({"job_id": job_id, "status": public["status"], "total_files": len(files),
                   "total_bytes": sum(f["size"] for f in files), "files": files,
-                  "outputs_truncated": bool((record or {}).get("outputs_truncated"))})  # fmt: skip
+                  "outputs_truncated": bool((record or {}).get("outputs_truncated"))})
 
 
 def _url_path(name):
@@ -4619,10 +4626,11 @@ def _dispatch(req):
             return webob.Response(status=204, headers={
                 "Access-Control-Allow-Methods": ", ".join(allowed),
                 "Access-Control-Allow-Headers": "Content-Type", "Access-Control-Max-Age": "86400", "Allow": ", ".join(allowed),
-            })  # fmt: skip
+            })
         handler = methods.get("GET" if req.method == "HEAD" else req.method)
         if handler is None:
-            raise http_error(405, "method not allowed", f"{req.method} is not allowed here; use {', '.join(allowed)}", headers={"Allow": ", ".join(allowed)})
+            raise http_error(405, "method not allowed", f"{req.method} is not allowed here; use {', '.join(allowed)}",
+                             headers={"Allow": ", ".join(allowed)})
         return handler(req, **match.groupdict())
     raise http_error(404, "not found", "no such route")
 
@@ -4667,7 +4675,7 @@ def app(environ, start_response):
 HTTP_THREADS_PER_ADDRESS = max(2, HTTP_THREADS // 4)
 _BUSY_BODY = json.dumps({"error": "busy", "details": "this address has as many requests open as it may"}).encode()
 _BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
-                b"Retry-After: 5\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s") % (len(_BUSY_BODY), _BUSY_BODY)  # fmt: skip
+                b"Retry-After: 5\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s") % (len(_BUSY_BODY), _BUSY_BODY)
 
 
 class _Reads:
@@ -4885,7 +4893,7 @@ def _process_reset():
     """Forked from the gunicorn master: drop its signal handlers and every inherited fd but stdio."""
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGTTIN, signal.SIGTTOU,
-                signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCHLD):  # fmt: skip
+                signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     os.closerange(3, 1 << 20)
 

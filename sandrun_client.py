@@ -208,7 +208,7 @@ def _multipart(fields, files):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="sandrun_client.py", description="Run code on a Sandrun server ($SANDRUN_URL, "
-                                     f"default {DEFAULT_URL}). The exit status is the job's.")  # fmt: skip
+                                     f"default {DEFAULT_URL}). The exit status is the job's.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a file, a directory (--dir) or stdin (-)")
     run.add_argument("file", nargs="?", help="the program; - reads it from stdin")

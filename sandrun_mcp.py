@@ -101,7 +101,7 @@ class Sandrun:
         for name, language in self.info["languages"].items():
             packages = ", ".join(f"{p} {v}" for p, v in language.get("packages", {}).items())
             parts.append(f"{name} {language['version']}" + (" (compiled)" if language["compiles"] else "") +
-                         (f" with {packages}" if packages else ""))  # fmt: skip
+                         (f" with {packages}" if packages else ""))
         facts = [f"Languages: {'; '.join(parts)}." if parts else "Languages: see the server's GET /."]
         if limits:
             facts.append(f"Per job at most {limits['timeout_seconds_max']} s and {limits['memory_mb_max']} MB; per client "
@@ -134,7 +134,7 @@ async def job_answer(sandrun, job_id, status, with_images=True):
               stdout=stdout, stderr=stderr, stdout_truncated=stdout_cut, stderr_truncated=stderr_cut,
               outputs=[OutputFile(name=f["name"], size=f["size"], mime_type=f["mime_type"]) for f in outputs["files"]],
               outputs_truncated=outputs.get("outputs_truncated", False),
-              wall_time_ms=(status.get("execution_metadata") or {}).get("wall_time_ms"), expires_at=status["expires_at"])  # fmt: skip
+              wall_time_ms=(status.get("execution_metadata") or {}).get("wall_time_ms"), expires_at=status["expires_at"])
     structured = job.model_dump(mode="json")
     if not ended:
         summary = f"Job {job_id} is still {job.status}; call get_job with its id to wait for the end."
@@ -155,7 +155,7 @@ def build(sandrun):
     """The MCP server and its four tools, described with what this Sandrun offers."""
     server = MCPServer("sandrun", log_level="WARNING", instructions=(  # WARNING: no access log lines naming clients
         "Run code in Sandrun's sandbox: no network, no state between jobs, every job and its files deleted "
-        "about ten minutes after it ends. " + sandrun.describe()))  # fmt: skip
+        "about ten minutes after it ends. " + sandrun.describe()))
     languages = sorted(sandrun.info["languages"])
     Language = Literal[tuple(languages)] if languages else str  # noqa: N806 (a type, made from the server's list)
     JobId = Annotated[str, Field(description="a job id from run_code (job-...); a bearer secret", pattern=r"^job-[a-z0-9-]+$")]  # noqa: N806
@@ -180,7 +180,7 @@ def build(sandrun):
             "for get_job"))] = DEFAULT_WAIT_S,
     ) -> Annotated[types.CallToolResult, Job]:
         manifest = {k: v for k, v in {"stdin": stdin, "args": args, "outputs": outputs, "timeout": timeout,
-                                      "memory_mb": memory_mb}.items() if v is not None}  # fmt: skip
+                                      "memory_mb": memory_mb}.items() if v is not None}
         wait = min(wait_seconds, 60)
         if files or binary_files:
             entrypoint = "main" + sandrun.extension(language)
@@ -195,7 +195,7 @@ def build(sandrun):
             if len(uploads) != 1 + len(files or {}) + len(binary_files or {}):
                 raise ToolError(f"a file is named twice, or {entrypoint!r}, which is the code's own name")
             answer = await sandrun.call("submit_files", list(uploads.items()),
-                                        {"entrypoint": entrypoint, "interpreter": language, **manifest}, wait)  # fmt: skip
+                                        {"entrypoint": entrypoint, "interpreter": language, **manifest}, wait)
         else:
             answer = await sandrun.call("submit_code", code, language, wait=wait, **manifest)
         return await job_answer(sandrun, answer["job_id"], await _wait(sandrun, answer, wait_seconds - wait))

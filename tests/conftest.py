@@ -26,6 +26,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import sandrun  # noqa: E402  (only for constants; the server runs in its own process)
 
+def eventually(check, timeout=30, what="it", interval=0.05):
+    """check() until it returns something true, which is returned; past `timeout` s, fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s (last: {value!r})"
+        time.sleep(interval)
+    return value
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,10 +94,7 @@ class Client:
     def start_sleeper(self, seconds=60, source="127.0.0.1"):
         """A job that is running (it has said so) and will sleep for `seconds`; its id."""
         doc = self.submit_code(f"import time\nprint('up', flush=True)\ntime.sleep({seconds})", wait=0, source=source)
-        deadline = time.monotonic() + 30
-        while self.json("GET", f"/logs/{doc['job_id']}")[2]["stdout"] != "up\n":
-            assert time.monotonic() < deadline, "the job did not start"
-            time.sleep(0.05)
+        eventually(lambda: self.json("GET", f"/logs/{doc['job_id']}")[2]["stdout"] == "up\n", what="the sleeper's start")
         return doc["job_id"]
 
     def wait(self, job_id, seconds=60):
@@ -175,7 +181,7 @@ class Nginx(Client):
         with open(os.path.join(ROOT, "image", "nginx", site)) as f:
             text = f.read()
         edits = {"listen 80 default_server;": f"listen 127.0.0.1:{self.port} default_server;", "listen [::]:80 default_server;\n": "",
-                 "/var/log/nginx/error.log": f"{self.dir}/error.log", **edits}  # fmt: skip
+                 "/var/log/nginx/error.log": f"{self.dir}/error.log", **edits}
         for name, content in (files or {}).items():
             with open(os.path.join(self.dir, name), "w") as f:
                 f.write(content)

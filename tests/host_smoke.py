@@ -43,7 +43,7 @@ class StockHost:
             "-device", "virtio-rng-pci",
             "-chardev", f"socket,id=con,path={sock},server=on,wait=off,logfile={self.serial_log}",
             "-serial", "chardev:con",
-        ], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        ], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
             assert time.monotonic() < deadline and self.proc.poll() is None, "qemu did not start"

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sandrun_client import SandrunClient, SandrunError  # noqa: E402
+from sandrun_client import SandrunClient, SandrunError
 
 CLIENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sandrun_client.py")
 
@@ -28,7 +28,8 @@ def test_run_and_wait_directory_and_downloads(client, tmp_path):
     project = tmp_path / "project"
     (project / "data").mkdir(parents=True)
     (project / "data" / "in.csv").write_text("1,2\n")
-    (project / "main.py").write_text("import sys\nrow = open('data/in.csv').read().strip()\nopen('sum.txt', 'w').write(str(sum(map(int, row.split(',')))))\nprint(sys.argv[1:])")
+    (project / "main.py").write_text("import sys\nrow = open('data/in.csv').read().strip()\n"
+                                     "open('sum.txt', 'w').write(str(sum(map(int, row.split(',')))))\nprint(sys.argv[1:])")
     result = client.run_and_wait(directory=str(project), entrypoint="main.py", args=["a", "b"], outputs=["*.txt"])
     assert result["logs"]["stdout"] == "['a', 'b']\n" and [f["name"] for f in result["output_files"]] == ["sum.txt"]
     saved = client.download_file(result["job_id"], "sum.txt", str(tmp_path))
@@ -85,7 +86,8 @@ def test_cli_stdin_dir_follow_and_downloads(server, tmp_path):
     done = cli(server, "run", "--interpreter", "bash", "-", stdin="echo piped; exit 3")
     assert (done.returncode, done.stdout) == (3, "piped\n")
     (tmp_path / "proj").mkdir()
-    (tmp_path / "proj" / "main.py").write_text("import sys\nprint('live')\nprint('e', file=sys.stderr)\nopen('a.png', 'wb').write(b'png')\nopen('b.txt', 'w').write('t')")
+    (tmp_path / "proj" / "main.py").write_text("import sys\nprint('live')\nprint('e', file=sys.stderr)\n"
+                                               "open('a.png', 'wb').write(b'png')\nopen('b.txt', 'w').write('t')")
     out = tmp_path / "out"
     done = cli(server, "run", "--follow", "--outputs", "*.png", "--download-to", str(out), "--dir", str(tmp_path / "proj"), "--entrypoint", "main.py")
     assert (done.returncode, done.stdout, done.stderr) == (0, "live\n", "e\n")

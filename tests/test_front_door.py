@@ -16,7 +16,7 @@ import time
 import zipfile
 
 import pytest
-from conftest import SUITE_ENV, Bystander, Nginx, Server, alive, fill, make_tar, multipart
+from conftest import SUITE_ENV, Bystander, Nginx, Server, alive, eventually, fill, make_tar, multipart
 
 import sandrun
 
@@ -202,10 +202,8 @@ def test_stalled_uploads_cannot_fill_the_state():
         bystander.check()
         for sock in socks:
             sock.close()
-        deadline = time.monotonic() + 30
-        while _incoming(srv) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _incoming(srv) == [] and _state_used(srv) - before < 1 << 20
+        eventually(lambda: _incoming(srv) == [], what="the uploads' sweep", interval=0.2)
+        assert _state_used(srv) - before < 1 << 20
     finally:
         for sock in socks:
             sock.close()
@@ -234,35 +232,26 @@ def test_an_answered_upload_holds_no_space(front):
         doc = json.loads(body)
         assert status == 200, doc
         assert front.request("DELETE", f"/jobs/{doc['job_id']}")[0] == 204
-    deadline = time.monotonic() + 10
-    while _state_used(front) - before > 2 << 20 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _state_used(front) - before <= 2 << 20, (_state_used(front) - before) >> 20
+    eventually(lambda: _state_used(front) - before <= 2 << 20, 10, "the uploads' space back", interval=0.2)
 
 
 def test_a_dead_workers_upload_is_swept(front):
     sock = _stalled_upload(front, "127.0.3.1")
     try:
-        deadline = time.monotonic() + 10
-        while not _incoming(front):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        (name,) = _incoming(front)
+        (name,) = eventually(lambda: _incoming(front), 10, "the stalled upload", interval=0.1)
         with open(os.path.join(front.state_dir, "http", "incoming", name, "owner")) as f:
             worker = int(f.read().split()[0])
         os.kill(worker, 9)  # as the OOM killer or a timeout kill would
-        deadline = time.monotonic() + 30
-        while alive(worker):  # a dying process is still alive (its threads are leaving); dead is the case
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        while True:  # gunicorn starts a new worker; the next upload sweeps the dead one's
+        # A dying process is still alive (its threads are leaving); dead is the case.
+        eventually(lambda: not alive(worker), what="the worker's death", interval=0.01)
+
+        def submitted():  # gunicorn starts a new worker; the next upload sweeps the dead one's
             try:
-                if front.json("POST", "/submit?wait=30", {"code": "1", "interpreter": "python3"}, source="127.0.3.2")[0] == 200:
-                    break
+                return front.json("POST", "/submit?wait=30", {"code": "1", "interpreter": "python3"}, source="127.0.3.2")[0] == 200
             except OSError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+                return False
+
+        eventually(submitted, what="a job through the new worker", interval=0.2)
         assert name not in _incoming(front)
     finally:
         sock.close()
@@ -313,7 +302,8 @@ def test_logs_of_invalid_utf8_are_bounded_and_streamed(front):
 
 
 def test_slow_readers_cannot_take_every_thread():
-    srv = Server({**SUITE_ENV, "SANDRUN_RATE_CONCURRENT_JOBS": "2", "SANDRUN_HTTP_WORKERS": "1"}, "readers").start()  # one worker: its shares are the server's
+    # One worker: its shares are the server's.
+    srv = Server({**SUITE_ENV, "SANDRUN_RATE_CONCURRENT_JOBS": "2", "SANDRUN_HTTP_WORKERS": "1"}, "readers").start()
     socks = []
     try:
         doc, _ = srv.run("import sys; sys.stdout.write('x' * (10 << 20))")
@@ -418,11 +408,11 @@ def test_slow_senders_cannot_take_every_thread():
     socks = []
     try:
         bystander = Bystander(srv)
-        for i in range(40):
+        for _ in range(40):
             sock = socket.create_connection(("127.0.0.1", srv.port), source_address=("127.0.10.1", 0))
             sock.sendall(b"G")
             socks.append(sock)
-        for i in range(64):
+        for _ in range(64):
             socks.append(_stalled_upload(srv, "127.0.10.2", sent=10))
         started = time.monotonic()
         assert all(_health_is_quick(srv) for _ in range(5))

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import sandrun
-from conftest import descendants
+from conftest import descendants, eventually
 
 JOB_ID = "job-" + "0" * 32
 
@@ -130,22 +130,14 @@ def test_delete_finished_job_erases_everything(server):
         assert server.request("GET", route + job)[0] == 404
     assert server.request("GET", f"/download/{job}/o.txt")[0] == 404
     assert server.request("DELETE", f"/jobs/{job}")[0] == 404
-    deadline = time.monotonic() + 10
-    import os
-
-    while os.path.exists(os.path.join(server.state_dir, "runner", "jobs", job)):
-        assert time.monotonic() < deadline, "the runner did not erase the job"
-        time.sleep(0.05)
+    eventually(lambda: not os.path.exists(os.path.join(server.state_dir, "runner", "jobs", job)), 10, "the runner's erasing the job")
 
 
 def test_delete_running_job_kills_it(server):
     job_id = server.start_sleeper()
     assert server.request("DELETE", f"/jobs/{job_id}")[0] == 204
     assert server.request("GET", f"/status/{job_id}")[0] == 404
-    deadline = time.monotonic() + 10
-    while server.json("GET", "/stats")[2]["system"]["running"]:
-        assert time.monotonic() < deadline, "the deleted job still runs"
-        time.sleep(0.05)
+    eventually(lambda: server.json("GET", "/stats")[2]["system"]["running"] == 0, 10, "the deleted job's end")
 
 
 def test_delete_at_any_moment_of_a_start_leaves_the_runner_alone(server):
@@ -167,14 +159,8 @@ def test_delete_at_any_moment_of_a_start_leaves_the_runner_alone(server):
 
 def test_logs_while_running(server):
     doc = server.submit_code("import time\nprint('one', flush=True)\ntime.sleep(2)\nprint('two')", wait=0)
-    deadline = time.monotonic() + 20
-    while True:
-        status, _, logs = server.json("GET", f"/logs/{doc['job_id']}")
-        if logs["stdout"] == "one\n":
-            assert server.json("GET", f"/status/{doc['job_id']}")[2]["status"] == "running"
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    eventually(lambda: server.json("GET", f"/logs/{doc['job_id']}")[2]["stdout"] == "one\n", 20, "the first line")
+    assert server.json("GET", f"/status/{doc['job_id']}")[2]["status"] == "running"
     assert server.wait(doc["job_id"])["status"] == "completed"
     assert server.json("GET", f"/logs/{doc['job_id']}")[2]["stdout"] == "one\ntwo\n"
 
@@ -192,10 +178,9 @@ def test_download_headers_are_safe(server):
 
 def test_no_client_address_or_job_content_in_the_log(server):
     doc, _ = server.run("print('SECRET-CONTENT-1234')", source="127.0.0.5")
-    deadline = time.monotonic() + 10
-    while f"job={doc['job_id']} state=completed" not in (log := server.output()):  # written just after the answer
-        assert time.monotonic() < deadline, "the job's end was not logged"
-        time.sleep(0.05)
+    # Written just after the answer.
+    eventually(lambda: f"job={doc['job_id']} state=completed" in server.output(), 10, "the log line of the job's end")
+    log = server.output()
     assert "127.0.0.5" not in log and "SECRET-CONTENT-1234" not in log
 
 
@@ -229,7 +214,8 @@ def test_parked_long_polls_do_not_starve_the_service(server):
 
     doc = server.submit_code("import time; time.sleep(4)", wait=0)
     results = []
-    pollers = [threading.Thread(target=lambda: results.append(server.json("GET", f"/status/{doc['job_id']}?wait=60")[2]["status"])) for _ in range(12)]
+    poll = lambda: results.append(server.json("GET", f"/status/{doc['job_id']}?wait=60")[2]["status"])  # noqa: E731
+    pollers = [threading.Thread(target=poll) for _ in range(12)]
     for t in pollers:
         t.start()
     time.sleep(0.5)
@@ -277,7 +263,5 @@ def test_each_process_names_its_role_and_only_four_keep_root(server):
     http_uid = pwd.getpwnam(sandrun.HTTP_USER).pw_uid
     expected = {("sandrun-master", 0): 1, ("sandrun-keeper", 0): 1, ("sandrun-runner", 0): 1, ("sandrun-factory", 0): 1,
                 ("sandrun-jail", sandrun.JOB_UID): sandrun.SPARE_JAILS, ("sandrun-http", http_uid): sandrun.HTTP_WORKERS}  # spare jails, built ahead
-    deadline = time.monotonic() + 10  # a worker that has not served yet may still be starting
-    while (found := roles()) != expected and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert found == expected
+    # A worker that has not served yet may still be starting.
+    eventually(lambda: roles() == expected, 10, f"the roles {expected}", interval=0.1)

@@ -72,7 +72,8 @@ def test_non_utf8_output_is_replaced_not_dropped(server):
 
 def test_multipart_tar_gz_with_outputs_glob_and_download(server):
     archive = make_tar([
-        ("main.py", "file", b"import csv\nrows = list(csv.reader(open('data.csv')))\nopen('plot.png','wb').write(b'\\x89PNG' + str(len(rows)).encode())\nopen('notes.txt','w').write('x')\n"),
+        ("main.py", "file", b"import csv\nrows = list(csv.reader(open('data.csv')))\n"
+                            b"open('plot.png','wb').write(b'\\x89PNG' + str(len(rows)).encode())\nopen('notes.txt','w').write('x')\n"),
         ("data.csv", "file", b"a,b\n1,2\n"),
     ])
     status, _, body = server.submit_files([("job.tar.gz", archive)], {"entrypoint": "main.py", "interpreter": "python3", "outputs": ["*.png"]})
@@ -106,7 +107,8 @@ def test_zip_archive_and_plain_files_with_relative_names(server):
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("pkg/__init__.py", "")
         z.writestr("pkg/mod.py", "VALUE = 5\n")
-    files = [("bundle.zip", buf.getvalue()), ("main.py", b"from pkg.mod import VALUE\nfrom lib.util import f\nprint(VALUE + f())"), ("lib/util.py", b"def f(): return 1")]
+    files = [("bundle.zip", buf.getvalue()), ("main.py", b"from pkg.mod import VALUE\nfrom lib.util import f\nprint(VALUE + f())"),
+             ("lib/util.py", b"def f(): return 1")]
     status, _, body = server.submit_files(files, {"entrypoint": "main.py"})
     doc = json.loads(body)
     assert doc["status"] == "completed", doc
@@ -125,7 +127,8 @@ def test_gzip_of_a_plain_file_is_stored_as_a_file(server):
 
 
 def test_default_outputs_are_files_created_or_changed(server):
-    archive = make_tar([("main.py", "file", b"open('changed.txt','a').write('+')\nopen('new/deep.txt','w').write('n') if __import__('os').makedirs('new') is None else 0\n"),
+    archive = make_tar([("main.py", "file", b"open('changed.txt','a').write('+')\n"
+                                            b"open('new/deep.txt','w').write('n') if __import__('os').makedirs('new') is None else 0\n"),
                         ("changed.txt", "file", b"old"), ("untouched.txt", "file", b"same")])
     status, _, body = server.submit_files([("a.tar", archive)], {"entrypoint": "main.py"})
     doc = json.loads(body)

@@ -3,7 +3,7 @@
 import json
 import time
 
-import pytest
+from conftest import SUITE_ENV, Server, eventually, make_tar
 
 
 def test_timeout_kills_the_whole_job(server):
@@ -44,7 +44,8 @@ def test_node_heap_blowup_is_contained(server):
 
 
 def test_fork_bomb_is_contained_by_pids(server):
-    doc, logs = server.run("import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(30); os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('stopped at', n, e.errno)", timeout=20)
+    doc, logs = server.run("import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(30); os._exit(0)\n"
+                           "        n += 1\nexcept OSError as e:\n    print('stopped at', n, e.errno)", timeout=20)
     assert doc["status"] == "completed", (doc, logs)
     count, err = logs["stdout"].split()[2:]
     assert int(count) < 32 and err == "11", logs  # EAGAIN from the pids cgroup
@@ -89,7 +90,8 @@ def test_sparse_file_cannot_outgrow_the_work_dir(server):
 
 
 def test_open_files_are_capped(server):
-    doc, logs = server.run("import os\nn = 0\ntry:\n    while True: os.open('/dev/null', os.O_RDONLY); n += 1\nexcept OSError as e: print(n < 256, e.errno)")
+    doc, logs = server.run("import os\nn = 0\ntry:\n    while True: os.open('/dev/null', os.O_RDONLY); n += 1\n"
+                           "except OSError as e: print(n < 256, e.errno)")
     assert logs["stdout"] == "True 24\n", logs  # EMFILE
 
 
@@ -103,10 +105,7 @@ def test_one_cpu_of_bandwidth(server):
 
 def test_queue_is_fifo_with_real_positions_and_deletable(server):
     sleepers = [server.submit_code("import time; time.sleep(30)", wait=0) for _ in range(2)]
-    deadline = time.monotonic() + 20
-    while any(server.json("GET", f"/status/{s['job_id']}")[2]["status"] != "running" for s in sleepers):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    eventually(lambda: all(server.json("GET", f"/status/{s['job_id']}")[2]["status"] == "running" for s in sleepers), 20, "both sleepers' start")
     first = server.submit_code("print('first')", wait=0)
     second = server.submit_code("print('second')", wait=0)
     assert (first["status"], first["position"], second["position"]) == ("queued", 1, 2), (first, second)
@@ -124,7 +123,6 @@ def test_queue_is_fifo_with_real_positions_and_deletable(server):
 
 def test_full_state_storage_is_503_not_an_error_and_recovers():
     """Queued uploads fill a small state tmpfs: intake answers 503 'storage full', never 400 or 500."""
-    from conftest import SUITE_ENV, Server, make_tar
 
     # 320 MiB: room for one running job's results and the runner (133 MiB) and what one upload may write (129 MiB)
     srv = Server({**SUITE_ENV, "SANDRUN_STATE_TMPFS_BYTES": str(320 << 20), "SANDRUN_MAX_RUNNING": "1"}, "small").start()
@@ -150,15 +148,11 @@ def test_full_state_storage_is_503_not_an_error_and_recovers():
 
 
 def test_full_queue_is_503_with_retry_after():
-    from conftest import SUITE_ENV, Server
 
     srv = Server({**SUITE_ENV, "SANDRUN_MAX_QUEUED": "1", "SANDRUN_MAX_RUNNING": "1"}, "queue").start()
     try:
         running = srv.submit_code("import time; time.sleep(60)", wait=0)
-        deadline = time.monotonic() + 20
-        while srv.json("GET", f"/status/{running['job_id']}")[2]["status"] != "running":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        eventually(lambda: srv.json("GET", f"/status/{running['job_id']}")[2]["status"] == "running", 20, "the first job's start")
         queued = srv.submit_code("print('waited')", wait=0)
         status, headers, doc = srv.json("POST", "/submit", {"code": "print(1)", "interpreter": "python3"})
         assert status == 503 and doc["error"] == "queue full" and int(headers["retry-after"]) > 0, doc

@@ -13,7 +13,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from conftest import ROOT, SUITE_ENV, Server, _free_port
+from conftest import ROOT, SUITE_ENV, Server, _free_port, eventually
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -29,7 +29,7 @@ def sandrun_server():
 def over_stdio(server, scenario):
     """Launch sandrun_mcp.py as an MCP client launches it, and run `scenario(client)` against it."""
     params = StdioServerParameters(command=sys.executable, args=[os.path.join(ROOT, "sandrun_mcp.py")], cwd=ROOT,
-                                   env={**os.environ, "SANDRUN_URL": f"http://127.0.0.1:{server.port}"})  # fmt: skip
+                                   env={**os.environ, "SANDRUN_URL": f"http://127.0.0.1:{server.port}"})
 
     async def main():
         async with Client(params, read_timeout_seconds=120) as client:
@@ -66,9 +66,9 @@ def test_the_tools_and_their_schemas(sandrun_server):
 def test_python_and_bash_with_stdin_and_args(sandrun_server):
     async def scenario(client):
         py = await client.call_tool("run_code", {"code": "import sys\nprint(sys.stdin.read().upper(), sys.argv[1:])",
-                                                 "language": "python3", "stdin": "hello", "args": ["a", "b c"]})  # fmt: skip
+                                                 "language": "python3", "stdin": "hello", "args": ["a", "b c"]})
         sh = await client.call_tool("run_code", {"code": 'read x; echo "$x-$1"; echo oops >&2; exit 3',
-                                                 "language": "bash", "stdin": "in\n", "args": ["arg"]})  # fmt: skip
+                                                 "language": "bash", "stdin": "in\n", "args": ["arg"]})
         return py, sh
 
     py, sh = over_stdio(sandrun_server, scenario)
@@ -90,7 +90,7 @@ def test_a_data_file_in_and_a_table_and_a_plot_out(sandrun_server):
     async def scenario(client):
         run = await client.call_tool("run_code", {"code": code, "language": "python3", "outputs": ["out/"],
                                                   "files": {"data.csv": "v\n1.5\n2.5\n"},
-                                                  "binary_files": {"out/.keep": base64.b64encode(b"").decode()}})  # fmt: skip
+                                                  "binary_files": {"out/.keep": base64.b64encode(b"").decode()}})
         job_id = run.structured_content["job_id"]
         text = await client.call_tool("read_output", {"job_id": job_id, "path": "out/total.txt"})
         image = await client.call_tool("read_output", {"job_id": job_id, "path": "out/plot.png"})
@@ -101,8 +101,8 @@ def test_a_data_file_in_and_a_table_and_a_plot_out(sandrun_server):
     run, text, image, raw, missing = over_stdio(sandrun_server, scenario)
     job = run.structured_content
     assert not run.is_error and (job["status"], job["stdout"]) == ("completed", "2\n"), text_of(run)
-    assert {f["name"]: f["mime_type"] for f in job["outputs"]} == {
-        "out/.keep": "application/octet-stream", "out/total.txt": "text/plain", "out/plot.png": "image/png", "out/raw.bin": "application/octet-stream"}
+    assert {f["name"]: f["mime_type"] for f in job["outputs"]} == {"out/.keep": "application/octet-stream", "out/total.txt": "text/plain",
+                                                                   "out/plot.png": "image/png", "out/raw.bin": "application/octet-stream"}
     images = [block for block in run.content if block.type == "image"]
     assert len(images) == 1 and images[0].mime_type == "image/png" and base64.b64decode(images[0].data).startswith(PNG)
     assert text.content[0].text == "4.0\n"
@@ -125,10 +125,7 @@ def test_server_errors_are_tool_errors_that_quote_the_server(sandrun_server):
         for job_id in sleepers:
             sandrun_server.request("DELETE", f"/jobs/{job_id}")
     assert too_many.is_error and "429 rate limit exceeded" in text_of(too_many) and "Retry after 5 s" in text_of(too_many), text_of(too_many)
-    deadline = time.monotonic() + 30
-    while sandrun_server.json("GET", "/stats")[2]["your_quota"]["active_jobs"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    eventually(lambda: sandrun_server.json("GET", "/stats")[2]["your_quota"]["active_jobs"] == 0, what="the sleepers' end")
 
     async def scenario(client):
         return await client.call_tool("run_code", {"code": "print(1)", "language": "python3", "memory_mb": 100000})
@@ -140,7 +137,7 @@ def test_server_errors_are_tool_errors_that_quote_the_server(sandrun_server):
 def test_a_long_run_returns_its_id_and_can_be_cancelled(sandrun_server):
     async def scenario(client):
         started = await client.call_tool("run_code", {"code": "import time\nprint('up', flush=True)\ntime.sleep(60)",
-                                                      "language": "python3", "wait_seconds": 0})  # fmt: skip
+                                                      "language": "python3", "wait_seconds": 0})
         job_id = started.structured_content["job_id"]
         for _ in range(100):
             running = await client.call_tool("get_job", {"job_id": job_id})
@@ -163,7 +160,7 @@ def test_over_streamable_http_with_host_checks(sandrun_server, tmp_path):
     env = {**os.environ, "SANDRUN_URL": f"http://127.0.0.1:{sandrun_server.port}"}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sandrun_mcp.py"), "--http", f"127.0.0.1:{port}"],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def post(headers):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)

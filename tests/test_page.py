@@ -80,7 +80,8 @@ def test_run_a_python_job_see_its_output_and_download_a_file(page, tmp_path):
 def test_live_output_and_an_image_output(page):
     page.goto("/")
     page.fill("#code", "import time, base64\nprint('first', flush=True)\ntime.sleep(2)\n"
-                       "open('dot.png', 'wb').write(base64.b64decode('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=='))")
+                       "open('dot.png', 'wb').write(base64.b64decode("
+                       "'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=='))")
     page.click("#run")
     expect(page.locator("#stdout")).to_have_text("first\n", timeout=30_000)
     expect(page.locator("#status")).to_have_text("Running…")  # the output came before the end

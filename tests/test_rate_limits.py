@@ -1,9 +1,11 @@
 """Per-client limits with the default settings; 127.0.0.x are distinct clients."""
 
-import json
+import os
 import time
 
 import pytest
+
+from conftest import Server, eventually
 
 SLEEP = "import time; time.sleep(20)"
 
@@ -34,10 +36,7 @@ def test_concurrent_jobs_per_client(default_server):
     assert stats["your_quota"]["active_jobs"] == 0 and stats["your_quota"]["jobs_this_hour"] == 0
     for _, _, job in jobs:
         assert srv.request("DELETE", f"/jobs/{job['job_id']}", source="127.0.0.9")[0] == 204
-    deadline = time.monotonic() + 10
-    while submit(srv, "print(1)", "127.0.0.2")[0] != 202:
-        assert time.monotonic() < deadline, "deleted jobs still count as active"
-        time.sleep(0.1)
+    eventually(lambda: submit(srv, "print(1)", "127.0.0.2")[0] == 202, 10, "deleted jobs' leaving the count", interval=0.1)
 
 
 def test_jobs_per_hour(default_server):
@@ -91,16 +90,10 @@ def test_results_expire(default_server):
     time.sleep(3.5)
     for route in ("/status/", "/logs/", "/outputs/", "/download/"):
         assert srv.request("GET", route + doc["job_id"])[0] == 404, route
-    import os
-
-    deadline = time.monotonic() + 5
-    while os.path.exists(os.path.join(srv.state_dir, "runner", "jobs", doc["job_id"])):
-        assert time.monotonic() < deadline, "expired job not erased"
-        time.sleep(0.1)
+    eventually(lambda: not os.path.exists(os.path.join(srv.state_dir, "runner", "jobs", doc["job_id"])), 5, "the expired job's erasing")
 
 
 def test_forwarded_for_is_believed_only_from_a_trusted_proxy():
-    from conftest import Server
 
     srv = Server({"SANDRUN_FORWARDED_ALLOW_IPS": "127.0.0.1"}, "proxy").start()
     try:
@@ -120,7 +113,6 @@ def test_forwarded_for_is_believed_only_from_a_trusted_proxy():
 
 def test_a_unix_socket_peer_is_the_trusted_proxy():
     """The appliance's nginx reaches gunicorn over a UNIX socket: its X-Forwarded-For names the client."""
-    from conftest import Server
 
     srv = Server({}, "unix")
     srv.env["SANDRUN_BIND"] = f"unix:{srv.workdir}/http.sock"
@@ -139,7 +131,6 @@ def test_a_unix_socket_peer_is_the_trusted_proxy():
 def test_trusted_proxies_are_networks_and_hops_are_addresses():
     """As gunicorn reads SANDRUN_FORWARDED_ALLOW_IPS: a network trusts every proxy in it; a hop
     with a port or in brackets is its address; a hop that is not an address is an untrusted client."""
-    from conftest import Server
 
     srv = Server({"SANDRUN_FORWARDED_ALLOW_IPS": "127.0.0.0/29, ::1"}, "proxies").start()
     try:
@@ -165,7 +156,6 @@ def test_trusted_proxies_are_networks_and_hops_are_addresses():
 
 
 def test_a_bad_proxy_list_stops_the_server():
-    from conftest import Server
 
     srv = Server({"SANDRUN_FORWARDED_ALLOW_IPS": "10.0.0.0/33"}, "badproxies")
     with pytest.raises(AssertionError, match="FORWARDED_ALLOW_IPS"):
@@ -176,7 +166,6 @@ def test_the_cpu_quota_bounds_cpu_even_with_concurrent_jobs():
     """A token bucket: of two CPU-burning jobs started at once, the first is the one job's worth
     the quota allows beyond the bucket; the second gets what is left of the bucket (at least a
     second) and is stopped there; the next submission waits for the bucket to refill."""
-    from conftest import Server
 
     srv = Server({"SANDRUN_RATE_CPU_S_PER_MIN": "6"}, "cpu").start()
     try:
@@ -197,7 +186,6 @@ def test_the_cpu_quota_bounds_cpu_even_with_concurrent_jobs():
 
 def test_a_client_low_on_cpu_may_still_wait():
     """A budget caps CPU, not wall time: a job that sleeps beside a running one is not cut short."""
-    from conftest import Server
 
     srv = Server({"SANDRUN_RATE_CPU_S_PER_MIN": "2"}, "cpu-wait").start()
     try:

@@ -12,7 +12,7 @@ import signal
 import time
 
 import pytest
-from conftest import SUITE_ENV, Bystander, Server, descendants, fill
+from conftest import SUITE_ENV, Bystander, Server, descendants, eventually, fill
 
 import sandrun
 
@@ -64,7 +64,8 @@ def test_job_end_is_a_table(wait_status, changes, expected):
 
 HOSTILE_GLOBS = [
     ("*a" * 16 + "*b", "import os\nopen('a' * 250, 'w').write('x')"),
-    ("/".join(["**", "*a*a*a*c"] * 4), "import os\nfor i in range(6):\n    os.makedirs('/'.join(['a' * 40] * (i + 1)), exist_ok=True)\n    open('/'.join(['a' * 40] * (i + 1)) + '/' + 'a' * 200, 'w').write('x')"),
+    ("/".join(["**", "*a*a*a*c"] * 4), "import os\nfor i in range(6):\n    os.makedirs('/'.join(['a' * 40] * (i + 1)), exist_ok=True)\n"
+                                       "    open('/'.join(['a' * 40] * (i + 1)) + '/' + 'a' * 200, 'w').write('x')"),
     ("?" * 30 + "*", "import os\nfor i in range(2000):\n    open(f'{i:0250d}', 'w').write('x')"),
 ]
 
@@ -158,15 +159,14 @@ def test_a_flood_of_files_does_not_stall_other_jobs(server):
 def _restart_runner(server):
     old = server.runner_pid()
     os.kill(old, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def new_and_healthy():
         try:
-            if server.runner_pid() != old and server.request("GET", "/health")[0] == 200:
-                return
+            return server.runner_pid() != old and server.request("GET", "/health")[0] == 200
         except ValueError:
-            pass  # a new runner is starting: its pid is not written yet
-        time.sleep(0.1)
-    raise AssertionError("no new runner became healthy")
+            return False  # a new runner is starting: its pid is not written yet
+
+    eventually(new_and_healthy, what="a new, healthy runner", interval=0.1)
 
 
 def test_recovery_erases_what_it_cannot_read(server):
@@ -191,10 +191,8 @@ def test_recovery_erases_what_it_cannot_read(server):
         f.write("x" * 100)  # never parsed: expired by its time stamp
     os.utime(os.path.join(jobs, expired, "status.json"), (0, 0))
     _restart_runner(server)
-    deadline = time.monotonic() + 10  # the new runner beats (healthy) before its recovery pass ends
-    while set(os.listdir(jobs)) & (set(junk) | {expired}) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sorted(set(os.listdir(jobs)) & (set(junk) | {expired})) == []
+    # The new runner beats (healthy) before its recovery pass ends.
+    eventually(lambda: not set(os.listdir(jobs)) & (set(junk) | {expired}), 10, "the recovery pass")
     status, _, doc = server.json("GET", f"/status/{finished['job_id']}")
     assert (status, doc["status"]) == (200, "completed")
     assert server.run("print('after')")[0]["status"] == "completed"
@@ -232,10 +230,7 @@ def test_poisoned_queue_entries_end_only_themselves(server):
             os.close(fd)
         os.rename(path, os.path.join(queue, name))
     server.run("print('wake')")
-    deadline = time.monotonic() + 30
-    while set(os.listdir(queue)) & set(entries) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not set(os.listdir(queue)) & set(entries)
+    eventually(lambda: not set(os.listdir(queue)) & set(entries), what="the forged entries' removal", interval=0.1)
     bystander.check()
     _runner_unchanged(server, runner)
 
@@ -275,10 +270,7 @@ def test_queued_jobs_cannot_fill_the_state():
         for job_id in ids:
             doc = srv.wait(job_id, 120) if srv.json("GET", f"/status/{job_id}")[0] == 200 else None
             assert doc is None or doc["status"] == "completed", doc  # None: done and already expired
-        deadline = time.monotonic() + 30
-        while os.listdir(os.path.join(srv.state_dir, "runner", "jobs")) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert os.listdir(os.path.join(srv.state_dir, "runner", "jobs")) == [], "expired results stay"
+        eventually(lambda: os.listdir(os.path.join(srv.state_dir, "runner", "jobs")) == [], what="the expired results' erasing", interval=0.2)
         assert _metric(srv, "sandrun_jobs_finished_total") == 5
         assert _stray_temporaries(srv) == []
         assert _metric(srv, "sandrun_runner_restarts_total") == 0
@@ -295,9 +287,7 @@ def test_a_full_state_ends_jobs_not_the_runner():
     try:
         runner = srv.runner_pid()
         job_id = srv.submit_code("import sys, time\nprint('up', flush=True)\ntime.sleep(1)\n" + BIG_JOB, wait=0)["job_id"]
-        deadline = time.monotonic() + 30
-        while srv.json("GET", f"/logs/{job_id}")[2]["stdout"] != "up\n" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(lambda: srv.json("GET", f"/logs/{job_id}")[2]["stdout"] == "up\n", what="the job's start")  # before the state is full
         fill(filler)
         doc = srv.wait(job_id)
         assert (doc["status"], doc["reason"]) in (("failed", "output_limit"), ("failed", "internal_error")), doc
@@ -364,10 +354,7 @@ def _memory_holds(pid, needle):
 def test_spare_jails_hold_nothing_of_running_jobs(server):
     secret = "secret-" + os.urandom(12).hex()
     job_id = server.submit_code("import time\nprint('up', flush=True)\ntime.sleep(30)", wait=0, env={"MARK": secret}, stdin=secret)["job_id"]
-    deadline = time.monotonic() + 30
-    while server.json("GET", f"/logs/{job_id}")[2]["stdout"] != "up\n":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    eventually(lambda: server.json("GET", f"/logs/{job_id}")[2]["stdout"] == "up\n", what="the job's start")
     server.run("print(1)")  # another job: the spare it used is rebuilt while the first one runs
     time.sleep(0.5)
     runner = server.runner_pid()
@@ -399,10 +386,7 @@ def test_a_failed_step_ends_only_its_job(server):
     bystander = Bystander(server)
     job_id = server.start_sleeper(2)
     shutil.rmtree(os.path.join(server.state_dir, "runner", "jobs", job_id))
-    deadline = time.monotonic() + 30
-    while server.json("GET", f"/status/{job_id}")[0] != 404:
-        assert time.monotonic() < deadline, "the job never ended"
-        time.sleep(0.2)
+    eventually(lambda: server.json("GET", f"/status/{job_id}")[0] == 404, what="the job's end", interval=0.2)
     bystander.check()
     _runner_unchanged(server, runner)
     with open(server.log_path) as f:
@@ -439,10 +423,9 @@ def test_nothing_outlives_a_killed_master_even_a_stuck_runner():
     os.kill(runner, signal.SIGSTOP)  # stuck: it runs no handler
     os.kill(srv.proc.pid, signal.SIGKILL)
     srv.proc.wait()
-    deadline = time.monotonic() + 15  # the keeper's grace for a runner that ignores SIGTERM, and a margin
-    while (alive := [p for p in ours if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split(") ")[1][0] != "Z"]):
-        assert time.monotonic() < deadline, f"outlived the master: {alive} ({job_id})"
-        time.sleep(0.2)
+    # The keeper's grace for a runner that ignores SIGTERM, and a margin.
+    living = lambda: [p for p in ours if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split(") ")[1][0] != "Z"]  # noqa: E731
+    eventually(lambda: not living(), 15, f"the death of every process of job {job_id} with the master", interval=0.2)
     # The master could not clean up: do what its exit would have done, then check nothing else is left.
     subprocess.run(["umount", "-l", srv.state_dir], check=True)
     for top in (p for p in leftovers(srv) if p.startswith("/sys/fs/cgroup")):

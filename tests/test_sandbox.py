@@ -11,7 +11,7 @@ import signal
 import time
 
 import pytest
-from conftest import ROOT, alive, descendants, proc_stat
+from conftest import ROOT, alive, descendants, eventually, proc_stat
 
 PROBE = os.path.join(os.path.dirname(__file__), "probes", "escape.py")
 
@@ -31,7 +31,7 @@ EXPECTED = {
     "thread": "ok", "fork": "ok", "socket_unix": "ok", "socket_inet6": "ok", "loopback_inside": "ok",
     "ioctl_fionread": "ok", "write_work": "ok", "write_tmp": "ok", "write_dev_shm": "ok", "write_dev_null": "ok",
     "read_etc_passwd": "ok", "mkfifo_tmp": "ok",
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +86,8 @@ def test_jobs_cannot_see_each_other(server):
         "s = socket.socket(socket.AF_UNIX); s.bind('\\0sandrun-test'); s.listen()\nprint('ready', flush=True); time.sleep(5)",
         wait=0,
     )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        _, _, logs = server.json("GET", f"/logs/{first['job_id']}")
-        if logs["stdout"] == "ready\n":
-            break
-        time.sleep(0.05)
+    # The first job holds its traces while the second looks (without this, the test could pass on an ended job).
+    eventually(lambda: server.json("GET", f"/logs/{first['job_id']}")[2]["stdout"] == "ready\n", 20, "the first job's traces")
     doc, logs = server.run(
         "import os, socket\nprint(os.listdir('/tmp'), os.listdir('/dev/shm'), sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
         "s = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect('\\0sandrun-test'); print('connected')\nexcept OSError as e: print(e.errno)"
@@ -113,14 +109,9 @@ def test_a_spare_jail_holds_only_its_own_descriptors(server):
     """A clone copies all of the runner's descriptors, the running jobs' included; a spare drops them."""
     job_id = server.start_sleeper()
     try:
-        deadline = time.monotonic() + 10
-        while True:  # jails waiting for a job: they have no child
-            spares = [pid for pid in descendants(server.runner_pid())
-                      if alive(pid) and open(f"/proc/{pid}/comm").read().strip() == "sandrun-jail" and not descendants(pid)]
-            if spares:
-                break
-            assert time.monotonic() < deadline, "no spare was built"
-            time.sleep(0.05)
+        spares = eventually(lambda: [pid for pid in descendants(server.runner_pid())  # jails waiting for a job: they have no child
+                                     if alive(pid) and open(f"/proc/{pid}/comm").read().strip() == "sandrun-jail" and not descendants(pid)],
+                            10, "a spare jail")
         for pid in spares:
             # 0, 1, 2 and its five ends: output pipes, setup socket, the runner's liveness pipe, status pipe
             assert len(os.listdir(f"/proc/{pid}/fd")) <= 8, sorted(os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
@@ -139,15 +130,11 @@ def test_a_spare_jail_that_died_is_replaced_before_a_job_needs_it(server):
                 continue
         return found
 
-    deadline = time.monotonic() + 10
-    while not spares():
-        assert time.monotonic() < deadline, "no spare jail was built"
-        time.sleep(0.05)
-    killed = spares()
+    killed = eventually(spares, 10, "a spare jail")
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
-    while any(map(alive, killed)):  # a spare that died a while ago (one dying just as it gets a job fails closed)
-        time.sleep(0.01)
+    # A spare that died a while ago (one dying just as it gets a job fails closed).
+    eventually(lambda: not any(map(alive, killed)), 10, "the spares' death", interval=0.01)
     doc, logs = server.run("print('fresh')")
     assert (doc["status"], logs["stdout"]) == ("completed", "fresh\n"), (doc, logs)
 
@@ -236,10 +223,7 @@ def test_runner_death_kills_its_jobs_and_health_follows(server):
     keeper = proc_stat(runner_pid)[1]
     os.kill(runner_pid, signal.SIGKILL)
     # The kernel kills them with the runner (their death signal), not the next runner's sweep.
-    deadline = time.monotonic() + 10
-    while any(map(alive, jails)):
-        assert time.monotonic() < deadline, "the jails outlived their runner"
-        time.sleep(0.01)
+    eventually(lambda: not any(map(alive, jails)), 10, "the jails' death with their runner", interval=0.01)
     assert [pid for pid in descendants(keeper) if alive(pid)] == [], "jails were left for the next runner to kill"
     seen = []
     for _ in range(20):  # the keeper waits 1 s before it restarts the runner

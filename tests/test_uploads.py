@@ -14,7 +14,8 @@ import pytest
 
 from conftest import make_tar
 
-MAIN = ("main.py", "file", b"import os\nfor root, dirs, files in sorted(os.walk('.')):\n    for n in sorted(dirs + files): print(os.path.join(root, n), os.path.islink(os.path.join(root, n)))\n")
+MAIN = ("main.py", "file", b"import os\nfor root, dirs, files in sorted(os.walk('.')):\n"
+                            b"    for n in sorted(dirs + files): print(os.path.join(root, n), os.path.islink(os.path.join(root, n)))\n")
 
 REFUSED = [
     # id, members, status, words the details must contain
@@ -150,7 +151,8 @@ def test_unpacked_size_over_cap_is_413_and_under_is_accepted(server):
 
 
 def test_body_over_upload_cap_is_413_before_reading(server):
-    status, _, body = server.request("POST", "/submit", b"", {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": str(200 * 1024 * 1024)})
+    status, _, body = server.request("POST", "/submit", b"",
+                                     {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": str(200 * 1024 * 1024)})
     assert status == 413 and json.loads(body)["error"] == "body too large"
 
 
@@ -186,7 +188,8 @@ def test_manifest_limits_args_and_stdin(server):
     assert status == 400 and "256" in doc["details"]
     status, _, doc = server.json("POST", "/submit", {"code": "1", "interpreter": "python3", "stdin": "x" * (1024 * 1024 + 1)})
     assert status == 400 and "stdin" in doc["details"]
-    status, _, doc = server.json("POST", "/submit?wait=30", {"code": "import sys; print(len(sys.stdin.read()))", "interpreter": "python3", "args": ["a"] * 256, "stdin": "x" * (1024 * 1024), "unknown_field": True})
+    status, _, doc = server.json("POST", "/submit?wait=30", {"code": "import sys; print(len(sys.stdin.read()))", "interpreter": "python3",
+                                                             "args": ["a"] * 256, "stdin": "x" * (1024 * 1024), "unknown_field": True})
     assert status == 200 and doc["status"] == "completed", doc
 
 
