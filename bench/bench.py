@@ -27,6 +27,7 @@ table. Rate limits are raised for the benchmark's own server only.
 import collections
 import concurrent.futures
 import datetime
+import functools
 import http.client
 import io
 import json
@@ -62,7 +63,7 @@ BARE_SERVICE = {"python3": ["/usr/bin/python3", "-c", "print(1)"], "bash": ["/us
 SUITE_LIMITS = {
     "SANDRUN_RATE_JOBS_PER_HOUR": "1000000", "SANDRUN_RATE_CONCURRENT_JOBS": "64",
     "SANDRUN_RATE_CPU_S_PER_MIN": "1000000", "SANDRUN_MAX_QUEUED": "100",
-}  # fmt: skip
+}
 
 
 def percentile(values, p):
@@ -187,7 +188,7 @@ class DirectJail:
                 while os.read(fd, 65536):
                     pass
             _, init_status = os.waitpid(handle.pid, 0)
-            status = sr.jail_job_status(handle, init_status)
+            status, _ = sr.jail_job_status(handle, init_status)
             self.meter.extra += sr._CGROUPS.cpu_seconds(handle.cgroup)  # the runner reads these three too
             sr._CGROUPS.memory_peak_bytes(handle.cgroup), sr._CGROUPS.oom_kills(handle.cgroup)
             handle.close()
@@ -217,17 +218,19 @@ def part1(sandrun):
     bwrap = bwrap_argv(sandrun)
     ways = {"bare": lambda argv: bare(argv, jail.env), "bwrap": lambda argv: bare(bwrap + argv, jail.env), "sandrun": jail.run}
     samples = {(prog, way): ([], []) for prog in PROGRAMS for way in ways}
-    for prog, argv in PROGRAMS.items():  # warm the page cache: the first run of each is not the benchmark
-        for run in ways.values():
-            run(argv)
-    for i in range(JAIL_RUNS):
-        for prog, argv in PROGRAMS.items():
-            for way, run in ways.items():
-                wall, cpu = timed(lambda: run(argv), meter)
-                samples[prog, way][0].append(wall * 1000)
-                samples[prog, way][1].append(cpu * 1000)
-    jail.close()
-    meter.close()
+    try:
+        for argv in PROGRAMS.values():  # warm the page cache: the first run of each is not the benchmark
+            for run in ways.values():
+                run(argv)
+        for _ in range(JAIL_RUNS):
+            for prog, argv in PROGRAMS.items():
+                for way, run in ways.items():
+                    wall, cpu = timed(functools.partial(run, argv), meter)
+                    samples[prog, way][0].append(wall * 1000)
+                    samples[prog, way][1].append(cpu * 1000)
+    finally:  # the factory and the spare jails live in the bench's cgroup: server_stop() removes it
+        jail.close()
+        meter.close()
     result = {}
     for prog in PROGRAMS:
         row = {way: {"wall_ms": summary(samples[prog, way][0]), "cpu_ms": summary(samples[prog, way][1])} for way in ways}
@@ -253,7 +256,7 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.env = {**os.environ, "SANDRUN_STATE_DIR": os.path.join(self.workdir, "state"),
-                    "SANDRUN_BIND": f"127.0.0.1:{self.port}", **env}  # fmt: skip
+                    "SANDRUN_BIND": f"127.0.0.1:{self.port}", **env}
         self.log = open(os.path.join(self.workdir, "server.log"), "wb")
         self.proc = subprocess.Popen([os.path.join(ROOT, ".venv", "bin", "gunicorn"), "-c", "gunicorn.conf.py", "sandrun:app"],
                                      cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -314,7 +317,7 @@ class Front(Server):
         self.nodes, self.workdir = nodes, tempfile.mkdtemp(prefix="sandrun-bench-front-")
         listing = subprocess.run(["sh", os.path.join(ROOT, "image", "nginx", "sandrun-cluster-nodes"),
                                   *(f"{node.env['SANDRUN_NODE']}=127.0.0.1:{node.port}" for node in nodes)],
-                                 check=True, capture_output=True, text=True).stdout  # fmt: skip
+                                 check=True, capture_output=True, text=True).stdout
         self.nginx = Nginx(self.workdir, "sandrun-cluster.conf", {}, files={"sandrun-nodes.conf": listing})
         self.port = self.nginx.port
 
@@ -341,7 +344,7 @@ def part5():
                 if target is not None:
                     server.stop()
             result[name] = {"jobs_per_s": level["jobs_per_s"], "latency_ms": level["latency_ms"],
-                            "nginx_cpu_ms_per_job": level["cpu_ms_per_job"].get("nginx", 0.0)}  # fmt: skip
+                            "nginx_cpu_ms_per_job": level["cpu_ms_per_job"].get("nginx", 0.0)}
         return result
     finally:
         for node in nodes:
@@ -386,7 +389,7 @@ def throughput(server, interpreter, concurrency):
     elapsed = time.perf_counter() - start
     cpu = {role: seconds * 1000 / SERVICE_JOBS for role, seconds in (cpu_by_role(server) - cpu).items()}
     return {"jobs_per_s": SERVICE_JOBS / elapsed, "latency_ms": {"p50": percentile(latencies, 50),
-            "p95": percentile(latencies, 95), "p99": percentile(latencies, 99)}, "cpu_ms_per_job": cpu}  # fmt: skip
+            "p95": percentile(latencies, 95), "p99": percentile(latencies, 99)}, "cpu_ms_per_job": cpu}
 
 
 def cpu_by_role(server=None):
@@ -431,7 +434,7 @@ def part2(server):
         best = max(levels.values(), key=lambda level: level["jobs_per_s"])
         best_bare = max(level["bare_spawns_per_s"] for level in levels.values())
         result[interpreter] = {"levels": levels, "best_jobs_per_s": best["jobs_per_s"], "best_bare_spawns_per_s": best_bare,
-                               "ratio": best["jobs_per_s"] / best_bare}  # fmt: skip
+                               "ratio": best["jobs_per_s"] / best_bare}
     return result
 
 
@@ -446,7 +449,7 @@ def part4(server, sleepers):
     # Jails are the runner's children in sessions of their own: the spares are among them.
     idle = {pid: (pss_bytes(pid), rss_bytes(pid)) for pid in set(server.pids()) | set(_children(runner))}
     jobs = [server.request("POST", "/submit", {"code": "sleep 60", "interpreter": "bash"}, f"127.0.0.{10 + i}")[1]["job_id"]
-            for i in range(sleepers)]  # fmt: skip
+            for i in range(sleepers)]
     deadline = time.monotonic() + 60
     while any(server.request("GET", f"/status/{job}")[1]["status"] != "running" for job in jobs):
         if time.monotonic() > deadline:
@@ -463,7 +466,7 @@ def part4(server, sleepers):
         "idle_pss_bytes": idle_pss, "idle_rss_sum_bytes": sum(rss for _, rss in idle.values()),
         "processes": len(idle), "running_jobs": sleepers, "job_inits_seen": len(inits),
         "extra_pss_per_running_job_bytes": (service - idle_pss) / sleepers,
-    }  # fmt: skip
+    }
 
 
 def _children(pid):
@@ -484,7 +487,7 @@ def _ppid(pid):
 def machine():
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     versions = {name: subprocess.run([path, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-                for name, path in (("python3", "/usr/bin/python3"), ("node", "/usr/bin/node"), ("bwrap", "bwrap"))}  # fmt: skip
+                for name, path in (("python3", "/usr/bin/python3"), ("node", "/usr/bin/node"), ("bwrap", "bwrap"))}
     return {"cpu": model, "cpus": os.cpu_count(), "kernel": platform.release(), "versions": versions}
 
 
@@ -495,7 +498,7 @@ def report(results):
     print(f"   {'program':<16} {'bare':>15} {'bwrap':>15} {'sandrun':>15} {'+bwrap':>8} {'+sandrun':>9} {'ratio':>6}")
     for prog, row in results["jail"].items():
         cells = [f"{row[w]['wall_ms']['median']:6.1f}/{row[w]['wall_ms']['p90']:5.1f} {row[w]['cpu_ms']['median']:4.1f}"
-                 for w in ("bare", "bwrap", "sandrun")]  # fmt: skip
+                 for w in ("bare", "bwrap", "sandrun")]
         print(f"   {prog:<16} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {row['bwrap']['overhead_wall_ms']:8.1f} "
               f"{row['sandrun']['overhead_wall_ms']:9.1f} {row['sandrun_overhead_over_bwrap_overhead']:5.2f}x")
     print("\n2. Service throughput (jobs/s) and submit->completed latency p50/p95/p99 (ms); bare spawns/s of the same program")
@@ -504,7 +507,8 @@ def report(results):
             lat = level["latency_ms"]
             print(f"   {interpreter:<8} c={concurrency}  {level['jobs_per_s']:6.1f} jobs/s   "
                   f"{lat['p50']:6.1f} {lat['p95']:6.1f} {lat['p99']:6.1f} ms   bare {level['bare_spawns_per_s']:6.1f}/s")
-        print(f"   {interpreter:<8} best {row['best_jobs_per_s']:.1f} jobs/s = {row['ratio']:.2f} x the best bare rate {row['best_bare_spawns_per_s']:.1f}/s")
+        print(f"   {interpreter:<8} best {row['best_jobs_per_s']:.1f} jobs/s = {row['ratio']:.2f} x the best bare rate "
+              f"{row['best_bare_spawns_per_s']:.1f}/s")
         best = max(row["levels"].values(), key=lambda level: level["jobs_per_s"])
         cpu = dict(best["cpu_ms_per_job"])
         print(f"   {'':<8} CPU per job there, ms: machine {cpu.pop('machine'):.1f} (bare spawn {best['bare_cpu_ms_per_spawn']:.1f}); "
@@ -526,7 +530,7 @@ def report(results):
 def main():
     if os.geteuid() != 0:
         sys.exit("bench: run as root (the jail needs it), e.g. make bench")
-    results = {"time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine()}
+    results = {"time": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine()}
     # Part 1 runs the jail in this process: Sandrun's settings are read at import, so set them first.
     state = tempfile.mkdtemp(prefix="sandrun-bench-jail-")
     os.chmod(state, 0o755)
