@@ -43,10 +43,20 @@ Invariants
       what a job or a client controls costs bounded, linear work.
 
 Contents (grep -n '^# [0-9]')
-    1. Settings and limits      5. Sandbox: kernel, seccomp, cgroups, jail
-    2. Errors                   6. Runner: supervision, results, expiry
-    3. HTTP intake              7. WSGI application
-    4. Job spool and queue      8. Process management and command line
+    1. Settings and limits
+    2. Errors
+    3. HTTP intake: 3.1 client identity and rate limits, 3.2 manifests,
+       3.3 uploads, 3.4 multipart bodies
+    4. Job spool and queue: 4.1 metrics, 4.2 state files, 4.3 the lock, the
+       queue and quotas, 4.4 admission and submission, 4.5 status records
+    5. Sandbox: 5.1 kernel bindings, 5.2 seccomp, 5.3 cgroups, 5.4 the jail,
+       5.5 host check and languages
+    6. Runner: 6.1 the state directory and a job, 6.2 the Runner: 6.3 start
+       and loop, 6.4 claiming, 6.5 spare jails, 6.6 supervision, 6.7 results,
+       6.8 deletion, expiry and shutdown
+    7. WSGI application: 7.1 answers and waits, 7.2 routes, 7.3 routing,
+       7.4 the HTTP worker
+    8. Process management and command line
 """
 
 import array
@@ -1108,6 +1118,9 @@ def metrics_count(name, **labels):
         _METRICS.count(name, **labels)
 
 
+# 4.2 State files: atomic writes, bounded JSON reads, removal of whole trees.
+
+
 def _utc(ts):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts is not None else None
 
@@ -1205,6 +1218,10 @@ def log_failure(event, exc, **fields):
         where = where.tb_next
     place = f"{where.tb_frame.f_code.co_name}:{where.tb_lineno}" if where is not None else "unknown"
     log.error("event=%s%s error=%s where=%s", event, "".join(f" {k}={v}" for k, v in fields.items()), type(exc).__name__, place)
+
+
+# 4.3 The state lock, the queue, and each client's quota (concurrent jobs, jobs an
+# hour, CPU seconds), all read from the state directory under the lock.
 
 
 class StateLock:
@@ -1335,6 +1352,10 @@ def rate_limit_check(key, now, uploading=0):
     return submits
 
 
+# 4.4 Admission and submission: an upload is admitted against the room left,
+# then queued; DELETE and the runner's wake-up.
+
+
 def _start_time(pid):
     """A live process's start time in clock ticks (/proc/<pid>/stat field 22): None if it is gone or a zombie."""
     try:
@@ -1432,6 +1453,9 @@ def runner_wake():
             s.sendto(b"w", state_path("runner", "wake.sock"))
         except (ConnectionRefusedError, FileNotFoundError, BlockingIOError):
             log.warning("event=wake_failed detail=runner_not_listening")
+
+
+# 4.5 Status records, as the workers read them.
 
 
 def _runner_status(job_id):
@@ -2697,7 +2721,8 @@ def _jail_fds(ends, *received):
     os.closerange(last, 1 << 20)
 
 
-# 5.5 Host check: refuse to serve on a host that cannot jail.
+# 5.5 Host check: refuse to serve on a host that cannot jail; then ask each
+# interpreter, inside a jail, what it is and (python3) what it imports.
 
 
 def interpreters_find():
@@ -2852,6 +2877,9 @@ COPY_CHUNK_BYTES = 1 * MiB  # one step of an output copy
 CPU_CHECK_S = 0.25  # how often a job with a CPU budget has its cgroup's CPU read
 
 
+# 6.1 Reading the hostile state directory, and a job as the runner holds it.
+
+
 def _open_beneath(parts, flags=_DIR):
     """Open STATE/http/<parts...> without following a link at any step."""
     fd = os.open(state_path("http"), _DIR)
@@ -2956,6 +2984,10 @@ def job_end(wait_status, *, exec_done, setup_error, forced_reason, oom_kills, cp
     return ("completed" if reason == "exit_code" and exit_code == 0 else "failed"), reason, exit_code, signum
 
 
+# 6.2 The Runner: its start and loop, claiming and starting jobs, spare jails,
+# supervision, results, and deletion, expiry and shutdown (6.3 to 6.8, within it).
+
+
 class Runner:
     """The runner: claims queued jobs, runs each in a jail of its own, records how each ended.
 
@@ -2983,7 +3015,7 @@ class Runner:
         self.unsaved = {}  # bookkeeping writes that met a full state tmpfs: name -> retry function
         self.waiting_for_space = False
 
-    # 6.1 Start and the loop
+# 6.3 Start and the loop
 
     def run(self):
         global _METRICS
@@ -3189,7 +3221,7 @@ class Runner:
         doc = {"running": len(self.jobs), "clients": clients}
         self._save("load", lambda: _write_json_atomic(state_path("runner", "load.json"), doc))
 
-    # 6.2 Claiming and starting
+# 6.4 Claiming and starting
 
     def _room_for_a_job(self):
         """Whether the state tmpfs holds what one more job's results may take, after what the
@@ -3301,8 +3333,8 @@ class Runner:
         log.info("job=%s state=running interpreter=%s memory_mb=%d timeout_s=%s",
                  job.id, job.manifest["interpreter"], job.manifest["memory_mb"], job.manifest["timeout"])
 
-    # 6.3 Spare jails: the part of each jail that is the same for every job is
-    # built before the job comes, while the runner waits or jobs run.
+# 6.5 Spare jails: the part of each jail that is the same for every job is
+# built before the job comes, while the runner waits or jobs run.
 
     def _spare_build(self):
         try:
@@ -3326,7 +3358,7 @@ class Runner:
             jail_discard(handle, self.cgroups)
         return jail_build(self.factory, self.cgroups)
 
-    # 6.4 Supervision
+# 6.6 Supervision
 
     def _kill(self, job, reason):
         if job.forced_reason is None:
@@ -3441,7 +3473,7 @@ class Runner:
             job.collected.truncated = True
             self._ended(job)
 
-    # 6.5 Results
+# 6.7 Results
 
     def _ended(self, job):
         """Record a job that ended (its jail gone, its outputs copied or given up), and let it go."""
@@ -3624,7 +3656,7 @@ class Runner:
         if self.cgroups.cpu_seconds(job.handle.cgroup) >= job.cpu_budget:
             self._kill(job, "cpu_limit")
 
-    # 6.6 Deletion, expiry and shutdown
+# 6.8 Deletion, expiry and shutdown
 
     def _deletions(self):
         """Carry out DELETEs. A tombstone stays until the job is erased, so the job never reappears."""
@@ -3819,6 +3851,9 @@ IN_MODIFY, IN_MOVED_TO, IN_CREATE, IN_ONLYDIR = 0x2, 0x80, 0x100, 0x1000000
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 
 
+# 7.1 Answers, long waits and their shares.
+
+
 def _json(doc, status=200, headers=None):
     response = webob.Response(json.dumps(doc).encode(), status=status, content_type="application/json", charset="utf-8")
     response.headers.update(headers or {})
@@ -3978,6 +4013,10 @@ def _wait_finished(job_id, wait_s, client):
     finally:
         watch.close()
         _WAITS.give(client)
+
+
+# 7.2 The routes: GET / (the page, or the service and its languages), submit,
+# status, logs, metrics, OpenAPI, outputs, downloads, delete, stats, health.
 
 
 def _page():
@@ -4612,6 +4651,9 @@ ROUTES = [
 CORS_HEADERS = {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": "Location, Retry-After"}
 
 
+# 7.3 Routing and the WSGI entry point.
+
+
 def _dispatch(req):
     try:
         path = req.path_info
@@ -4665,7 +4707,7 @@ def app(environ, start_response):
     return response.app_iter
 
 
-# 7.1 The HTTP worker: gunicorn's gthread worker reads a request's headers and
+# 7.4 The HTTP worker: gunicorn's gthread worker reads a request's headers and
 # body in one of its threads, blocking, so a client that sends slowly holds
 # that thread. Behind nginx that is nginx's problem (it reads the whole
 # request first); on a direct bind, two guards: a deadline for reading each
