@@ -1628,7 +1628,7 @@ def _proc_status():
 # architectures (i386, x32 on x86_64) are killed: their numbers differ.
 
 #: Validated with python3, node (worker_threads), bash pipelines and coreutils;
-#: started from the list a spike traced with strace on Debian 12 (research/spike.md).
+#: started from the system calls strace saw them make on Debian 12.
 #: Left off on purpose: sync (flushes every filesystem of the host: an I/O lever).
 #: Denied below: syncfs (the same lever, one filesystem at a time) and inotify (on the
 #: shared /usr it shows which files other tenants' jobs open; no interpreter needs it).

@@ -36,7 +36,7 @@ def test_every_setting_is_documented_with_its_default():
 
 
 def test_contract_limits_are_the_defaults():
-    """The contract's numbers (../shared/API.md) are what a default server enforces."""
+    """The contract's numbers are what a default server enforces."""
     assert (sandrun.JOB_TIMEOUT_S, sandrun.JOB_MEMORY_MAX_BYTES, sandrun.JOB_PIDS_MAX) == (300, 512 << 20, 32)
     assert (sandrun.OUTPUT_STREAM_MAX_BYTES, sandrun.UPLOAD_MAX_BYTES, sandrun.MANIFEST_MAX_BYTES) == (10 << 20, 100 << 20, 2 << 20)
     assert (sandrun.RATE_CONCURRENT_JOBS, sandrun.RATE_JOBS_PER_HOUR, sandrun.RATE_CPU_S_PER_MIN) == (2, 20, 10)

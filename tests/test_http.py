@@ -1,4 +1,4 @@
-"""The HTTP contract of ../shared/API.md: routes, methods, shapes, errors, CORS."""
+"""The HTTP contract: routes, methods, shapes, errors, CORS."""
 
 import collections
 import json

@@ -1,4 +1,4 @@
-"""Class D of research/peers.md §8: every per-job limit is enforced, with its twin."""
+"""Every per-job limit is enforced, each with its twin."""
 
 import json
 import time

@@ -1,4 +1,4 @@
-"""Classes B, C, E, F and H of research/peers.md §8, against the real jail.
+"""Against the real jail: output collection, escape and privilege, the network, jobs seeing each other, failing closed.
 
 The escape table runs tests/probes/escape.py inside one job; every row has
 an exact expected answer, and the allowed twins prove the jail is not

@@ -1,4 +1,4 @@
-"""Class A of research/peers.md §8: hostile archives and manifests, host side.
+"""Hostile archives and manifests, on the host side.
 
 Each refused upload is paired with an allowed twin, so a server that
 refuses everything cannot pass.
