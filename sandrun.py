@@ -44,18 +44,18 @@ Invariants
 
 Contents (grep -n '^# [0-9]')
     1. Settings and limits
-    2. Errors
+    2. Errors, 2.1 process state, 2.2 helpers used everywhere
     3. HTTP intake: 3.1 client identity and rate limits, 3.2 manifests,
-       3.3 uploads, 3.4 multipart bodies
+       3.3 uploads, 3.4 multipart bodies, 3.5 from a request to a queued job
     4. Job spool and queue: 4.1 metrics, 4.2 state files, 4.3 the lock, the
-       queue and quotas, 4.4 admission and submission, 4.5 status records
+       queue's protocol and quotas, 4.4 admission, 4.5 status records
     5. Sandbox: 5.1 kernel bindings, 5.2 seccomp, 5.3 cgroups, 5.4 the jail,
        5.5 host check and languages
-    6. Runner: 6.1 the state directory and a job, 6.2 the Runner: 6.3 start
+    6. Runner: 6.1 a job and how it ends, 6.2 the Runner: 6.3 start
        and loop, 6.4 claiming, 6.5 spare jails, 6.6 supervision, 6.7 results,
        6.8 deletion, expiry and shutdown
     7. WSGI application: 7.1 answers and waits, 7.2 routes, 7.3 routing,
-       7.4 the HTTP worker
+       7.4 the metric families and the OpenAPI document, 7.5 the HTTP worker
     8. Process management and command line
 """
 
@@ -284,7 +284,7 @@ if STATE_TMPFS_BYTES < STATE_RESERVE_BYTES + UPLOAD_MAX_BYTES:
     )
 
 
-# 2. Errors -------------------------------------------------------------------
+# 2. Errors, process state and helpers -----------------------------------------
 # At the HTTP boundary every error is a webob.exc response with a JSON body
 # {"error", "details"}; anything unexpected becomes a bare 500 without a trace.
 # Inside the sandbox, JailError carries the failed step to the runner.
@@ -309,6 +309,128 @@ class JailError(Exception):
     """A jail step failed; the job must not run. str() names the step."""
 
 
+# 2.1 Process state. Sandrun is several processes forked from one master; each
+# global below is set once, by the process named, before any fork that needs it.
+
+#: The master: its cgroups (server_start), the keeper it forked (runner_launch),
+#: whether it mounted the state tmpfs, and the flocked fd that makes the state its own.
+_CGROUPS = None
+_KEEPER = None  # (pid, pidfd)
+_STATE_MOUNTED = False
+_STATE_LOCK = []
+#: The HMAC key for client addresses: made by the master after it forks the keeper
+#: (runner_launch), so the keeper, the runner and every jail never hold it; the workers do.
+_CLIENT_KEY = b""
+#: Each worker (worker_start) and each runner (Runner.run): its own Metrics, written to its own file.
+_METRICS = None
+#: Each worker has its own _READS (7.5): the requests its threads are reading.
+
+
+# 2.2 Helpers used everywhere: files written whole, JSON read with a cap, reads
+# beneath a directory fd without following links, descriptors passed over a
+# socket, a descriptor drained, and the mount table.
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # a directory, opened without following a link
+
+
+def _write_atomic(path, text, mode=0o644):
+    """Write a file by rename, so readers see the old or the new, never half.
+
+    Raises OSError (ENOSPC on a full state tmpfs) and then leaves no temporary file.
+    """
+    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+    data = text.encode() if isinstance(text, str) else text
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        with open(fd, "wb", buffering=0) as f:
+            view = memoryview(data)
+            while view:
+                view = view[f.write(view):]
+        os.rename(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_json_atomic(path, doc, mode=0o644):
+    _write_atomic(path, json.dumps(doc), mode)
+
+
+def _read_json(path, limit=4 * MiB):
+    """Read a JSON file without following links; None if it is absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"{path} is over {limit} bytes")
+    return json.loads(data)
+
+
+def _open_beneath(parts, flags=_DIR):
+    """Open STATE/http/<parts...> without following a link at any step."""
+    fd = os.open(state_path("http"), _DIR)
+    try:
+        for part in parts[:-1]:
+            next_fd = os.open(part, _DIR, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _read_untrusted(dir_fd, name, limit):
+    """A regular file's bytes from a hostile directory, or OSError."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            raise OSError(errno.EINVAL, f"{name}: not a regular file of at most {limit} bytes")
+        return f.read(limit)
+
+
+def recv_fds(sock, bufsize, maxfds, flags=0):
+    """(data, fds): socket.recv_fds as it should be; Python 3.11's drops `flags`, so it can
+    neither be non-blocking nor make the fds close-on-exec. A peer that closed with a message
+    of ours unread makes the kernel say ECONNRESET: the same end as EOF, (b"", [])."""
+    try:
+        data, ancdata, _, _ = sock.recvmsg(bufsize, socket.CMSG_LEN(maxfds * 4), flags | socket.MSG_CMSG_CLOEXEC)
+    except ConnectionResetError:
+        return b"", []
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
+
+
+def fd_drain(fd):
+    """Read a non-blocking pipe, eventfd or inotify descriptor empty: its events only wake the reader."""
+    try:
+        while os.read(fd, 65536):
+            continue
+    except BlockingIOError:
+        return
+
+
+def mountinfo():
+    """This process's mount table: (mount point, file system type, super options) per mount."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, right = line.split(" - ", 1)
+            fstype, _, options = right.split()[:3]
+            yield left.split()[4], fstype, options
+
+
+def _is_mount_point(path, fstype):
+    return any(point == path and kind == fstype for point, kind, _ in mountinfo())
+
+
 # 3. HTTP intake --------------------------------------------------------------
 # Runs in the unprivileged HTTP workers. Order of checks, cheapest first:
 # route -> rate limit -> Content-Length -> content type -> parse and validate
@@ -317,8 +439,6 @@ class JailError(Exception):
 # links; the jail unpacks that tar again inside the job's own tmpfs.
 
 # 3.1 Client identity and rate limits
-
-_CLIENT_KEY = b""  # HMAC key for client addresses; made in the master once the keeper is forked (runner_launch)
 
 
 def _trusted_proxies(spec):
@@ -1008,6 +1128,126 @@ def multipart_boundary(req):
     return boundary.encode()
 
 
+# 3.5 From a request to a queued job: POST /submit. Cheapest checks first (rate
+# limit, Content-Length, media type), then room in the state for what the upload
+# may write (4.4), then the body, read into the job's payload as it arrives, and
+# last the queue (4.3); ?wait holds the answer (7.1).
+
+
+def handle_submit(req):
+    now = time.time()
+    key = client_key(client_address(req.environ))
+    with StateLock():
+        rate_limit_check(key, now)  # cheap early answer; spool_submit checks again as it queues
+    media = (req.content_type or "").lower()
+    cap = MANIFEST_MAX_BYTES if media == "application/json" else UPLOAD_MAX_BYTES
+    if req.content_length is not None and req.content_length > cap:
+        raise http_error(413, "body too large", f"the body is {req.content_length} bytes; the limit is {cap}")
+    if media not in ("application/json", "multipart/form-data"):
+        raise http_error(415, "unsupported media type", "send multipart/form-data (manifest and files) or application/json (code)")
+    if media == "multipart/form-data" and req.content_length is None:
+        raise http_error(400, "length required", "send multipart bodies with a Content-Length")
+    wait_s = _wait_param(req)
+    # The most this upload writes: the JSON body is read into memory; a multipart body
+    # spools one part at a time (at most the body), and the payload may unpack to its cap.
+    reserve = MANIFEST_MAX_BYTES + PAYLOAD_MEMBER_BYTES if media == "application/json" else \
+        req.content_length + UNPACKED_MAX_BYTES + UNPACKED_MEMBERS_MAX * PAYLOAD_MEMBER_BYTES
+    job_id = JOB_ID_PREFIX + secrets.token_hex(16)
+    incoming = upload_admit(job_id, key, reserve, now)
+    try:
+        with open(os.path.join(incoming, "payload.tar"), "xb") as payload, PayloadWriter(payload) as writer:
+            if media == "application/json":
+                manifest = _intake_json(req, writer)
+            else:
+                manifest = _intake_multipart(req, writer, incoming)
+            writer.finish(manifest["entrypoint"])
+        _READS.read(req.environ.get("gunicorn.socket"))  # read whole: no deadline for the answer
+        request = {"manifest": manifest, "client": key, "created_ts": now}
+        with open(os.path.join(incoming, "request.json"), "x") as f:
+            json.dump(request, f)
+        position = spool_submit(job_id, key, incoming)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _storage_full() from None
+        raise
+    finally:
+        path_remove(incoming)  # queued, it was renamed away; refused, nothing of it stays
+    metrics_count("sandrun_jobs_submitted_total")
+    status_url = f"/status/{job_id}"
+    if wait_s > 0:
+        found = _wait_finished(job_id, wait_s, key)
+        if found is not None and found[0]["status"] in ("completed", "failed"):
+            return _json(found[0])
+    doc = {"job_id": job_id, "status": "queued", "position": position, "status_url": status_url}
+    return _json(doc, 202, {"Location": status_url})
+
+
+def _storage_full():
+    return http_error(503, "storage full", "the server holds as many uploads and results as it can; try again shortly", headers={"Retry-After": "30"})
+
+
+def _read_body(req, cap):
+    body = req.body_file_raw.read(cap + 1) if req.content_length is None else req.body_file_raw.read(req.content_length)
+    if len(body) > cap:
+        raise http_error(413, "body too large", f"the body is over the limit of {cap} bytes")
+    return body
+
+
+def _intake_json(req, writer):
+    doc = _json_strict(_read_body(req, MANIFEST_MAX_BYTES), "JSON body")
+    if not isinstance(doc, dict):
+        raise http_error(400, "invalid manifest", "the body must be a JSON object")
+    code = doc.get("code")
+    if not isinstance(code, str):
+        raise http_error(400, "invalid manifest", "'code' must be a string")
+    manifest = manifest_parse({**doc, "entrypoint": None}, code_form=True)
+    manifest["entrypoint"] = "main" + INTERPRETER_CANDIDATES[manifest["interpreter"]][0]
+    data = code.encode("utf-8", "surrogatepass")
+    writer.add_file(manifest["entrypoint"], io.BytesIO(data), len(data), False, "code")
+    return manifest
+
+
+def _intake_multipart(req, writer, incoming):
+    """Read the form as it arrives: the manifest into memory, each file part through a spool
+    file in the upload's directory into the payload, one at a time."""
+    reader = MultipartReader(req.body_file_raw, req.content_length, multipart_boundary(req))
+    manifest, files = None, 0
+    for headers in reader.parts():
+        kind, params = _header_params("content-disposition", headers.get("content-disposition", ""))
+        name = params.get("name")
+        if kind != "form-data" or name not in ("manifest", "files"):
+            raise http_error(400, "invalid form", f"unexpected form field {json.dumps(str(name)[:100])}; send 'manifest' and 'files'")
+        if name == "manifest":
+            if manifest is not None:
+                raise http_error(400, "invalid form", "send exactly one 'manifest' field")
+            manifest = bytearray()
+            reader.read_part(functools.partial(_manifest_extend, manifest))
+            continue
+        if not params.get("filename"):
+            raise http_error(400, "invalid form", "each 'files' part must be a file upload with a filename")
+        path = os.path.join(incoming, "part")
+        with open(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w+b") as spool:
+            try:
+                reader.read_part(spool.write)
+                spool.flush()
+                spool.seek(0)
+                upload_add_part(writer, params["filename"], spool)
+            finally:
+                os.unlink(path)  # its space is free again before the next part
+        files += 1
+    if manifest is None:
+        raise http_error(400, "invalid form", "send exactly one 'manifest' field")
+    if not files:
+        raise http_error(400, "invalid form", "send at least one 'files' part")
+    return manifest_parse(_json_strict(bytes(manifest), "manifest"), code_form=False)
+
+
+def _manifest_extend(manifest, data):
+    manifest += data
+    if len(manifest) > MANIFEST_MAX_BYTES:
+        raise http_error(413, "manifest too large", f"the manifest is over {MANIFEST_MAX_BYTES} bytes")
+
+
 # 4. Job spool and queue ------------------------------------------------------
 # STATE_DIR (tmpfs, root, 0755)
 #   http/    owned by HTTP_USER, written only by workers; its flock serialises
@@ -1034,7 +1274,6 @@ def multipart_boundary(req):
 
 JOB_ID_PREFIX = f"job-{NODE}-" if NODE else "job-"
 JOB_ID = re.compile(JOB_ID_PREFIX + r"[0-9a-f]{32}\Z")  # only this node's: any other id is unknown here
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # a directory, opened without following a link
 _QUEUE_ENTRY = re.compile(r"([0-9]{16})\.(" + JOB_ID.pattern + ")")
 _CLIENT_NAME = re.compile(r"[0-9a-f]{32}\Z")
 
@@ -1110,57 +1349,16 @@ class Metrics:
             self.dirty = False
 
 
-_METRICS = None  # this process's Metrics, once it serves (worker_start) or runs jobs (Runner)
-
-
 def metrics_count(name, **labels):
     if _METRICS is not None:
         _METRICS.count(name, **labels)
 
 
-# 4.2 State files: atomic writes, bounded JSON reads, removal of whole trees.
+# 4.2 State files: times, removal of whole trees, and failures logged by type.
 
 
 def _utc(ts):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts is not None else None
-
-
-def _write_atomic(path, text, mode=0o644):
-    """Write a file by rename, so readers see the old or the new, never half.
-
-    Raises OSError (ENOSPC on a full state tmpfs) and then leaves no temporary file.
-    """
-    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-    data = text.encode() if isinstance(text, str) else text
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        with open(fd, "wb", buffering=0) as f:
-            view = memoryview(data)
-            while view:
-                view = view[f.write(view):]
-        os.rename(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _write_json_atomic(path, doc, mode=0o644):
-    _write_atomic(path, json.dumps(doc), mode)
-
-
-def _read_json(path, limit=4 * MiB):
-    """Read a JSON file without following links; None if it is absent."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, f"{path} is not a regular file")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise OSError(errno.EFBIG, f"{path} is over {limit} bytes")
-    return json.loads(data)
 
 
 def tree_remove(parent_fd, name):
@@ -1220,8 +1418,9 @@ def log_failure(event, exc, **fields):
     log.error("event=%s%s error=%s where=%s", event, "".join(f" {k}={v}" for k, v in fields.items()), type(exc).__name__, place)
 
 
-# 4.3 The state lock, the queue, and each client's quota (concurrent jobs, jobs an
-# hour, CPU seconds), all read from the state directory under the lock.
+# 4.3 The state lock and the queue's protocol: a worker submits (spool_submit) and
+# deletes (spool_delete), the runner claims (queue_claim), each under the lock. Then
+# each client's quota (concurrent jobs, jobs an hour, CPU seconds), read under it too.
 
 
 class StateLock:
@@ -1254,6 +1453,75 @@ def queue_entries():
     """[(seq, job_id)] in FIFO order."""
     found = (_QUEUE_ENTRY.match(name) for name in os.listdir(state_path("http", "queue")))
     return sorted(m.groups() for m in found if m)
+
+
+def spool_submit(job_id, key, incoming):
+    """Move a written submission into the queue, atomically with the limit checks.
+
+    Returns the job's queue position. Raises 429 or 503 and leaves nothing
+    behind if the client or the queue is full.
+    """
+    now = time.time()
+    with StateLock():
+        submits = rate_limit_check(key, now)
+        entries = queue_entries()
+        if len(entries) >= MAX_QUEUED:
+            raise http_error(503, "queue full", f"{len(entries)} jobs are waiting; try again shortly", headers={"Retry-After": "10"})
+        seq_path = state_path("http", "seq")
+        with open(seq_path) as f:
+            seq = int(f.read()) + 1
+        _write_atomic(seq_path, str(seq), 0o600)
+        os.rename(incoming, state_path("http", "queue", f"{seq:016d}.{job_id}"))
+        _write_json_atomic(state_path("http", "clients", key + ".json"), {"submits": submits + [now]}, 0o600)
+        if seq % 100 == 0:
+            _ledgers_sweep(now)
+    runner_wake()
+    return len(entries) + 1
+
+
+def spool_delete(job_id):
+    """Erase a job now (queued) or have the runner kill and erase it. False if unknown."""
+    with StateLock():
+        if job_lookup(job_id) is None:
+            return False
+        for seq, queued_id in queue_entries():
+            if queued_id == job_id:
+                path_remove(state_path("http", "queue", f"{seq}.{job_id}"))
+        if _runner_status(job_id) is not None:
+            os.close(os.open(state_path("http", "deleted", job_id), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    runner_wake()
+    return True
+
+
+def queue_claim(take):
+    """Runner: hand the oldest queue entry to take(queue_fd, name, job_id) under the lock,
+    then remove the entry whatever take did; take's answer. None if the queue is empty,
+    the entry's name is not one of ours, or a worker holds the lock (the next tick retries)."""
+    with StateLock(blocking=False) as locked:
+        if not locked:
+            return None
+        queue_fd = _open_beneath(["queue"])
+        try:
+            names = sorted(os.listdir(queue_fd))
+            if not names:
+                return None
+            match = _QUEUE_ENTRY.match(names[0])
+            try:
+                return take(queue_fd, names[0], match.group(2)) if match else None
+            finally:
+                # Whatever it held, the entry goes: a poisoned one must not stall the queue.
+                tree_remove(queue_fd, names[0])
+        finally:
+            os.close(queue_fd)
+
+
+def runner_wake():
+    """Poke the runner; if it is down the job simply waits in the queue."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(b"w", state_path("runner", "wake.sock"))
+        except (ConnectionRefusedError, FileNotFoundError, BlockingIOError):
+            log.warning("event=wake_failed detail=runner_not_listening")
 
 
 def _client_submits(key, now):
@@ -1352,8 +1620,8 @@ def rate_limit_check(key, now, uploading=0):
     return submits
 
 
-# 4.4 Admission and submission: an upload is admitted against the room left,
-# then queued; DELETE and the runner's wake-up.
+# 4.4 Admission: an upload is admitted against the room the state has left, and
+# the uploads in flight are accounted for (and a dead worker's swept).
 
 
 def _start_time(pid):
@@ -1422,40 +1690,17 @@ def _upload_in_flight(incoming_fd, name):
     return reserved, written, client, _start_time(pid) == start
 
 
-def spool_submit(job_id, key, incoming):
-    """Move a written submission into the queue, atomically with the limit checks.
-
-    Returns the job's queue position. Raises 429 or 503 and leaves nothing
-    behind if the client or the queue is full.
-    """
-    now = time.time()
-    with StateLock():
-        submits = rate_limit_check(key, now)
-        entries = queue_entries()
-        if len(entries) >= MAX_QUEUED:
-            raise http_error(503, "queue full", f"{len(entries)} jobs are waiting; try again shortly", headers={"Retry-After": "10"})
-        seq_path = state_path("http", "seq")
-        with open(seq_path) as f:
-            seq = int(f.read()) + 1
-        _write_atomic(seq_path, str(seq), 0o600)
-        os.rename(incoming, state_path("http", "queue", f"{seq:016d}.{job_id}"))
-        _write_json_atomic(state_path("http", "clients", key + ".json"), {"submits": submits + [now]}, 0o600)
-        if seq % 100 == 0:
-            _ledgers_sweep(now)
-    runner_wake()
-    return len(entries) + 1
-
-
-def runner_wake():
-    """Poke the runner; if it is down the job simply waits in the queue."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.sendto(b"w", state_path("runner", "wake.sock"))
-        except (ConnectionRefusedError, FileNotFoundError, BlockingIOError):
-            log.warning("event=wake_failed detail=runner_not_listening")
-
-
-# 4.5 Status records, as the workers read them.
+# 4.5 Status records, as the workers read them. The runner writes one per job
+# (Runner._record), STATE/runner/jobs/<id>/status.json, replaced whole at each
+# change, at most STATUS_RECORD_MAX_BYTES:
+#     public             the client's status document but for output_files: job_id,
+#                        status, queue_position (null), reason, exit_code, signal,
+#                        execution_metadata, created_at, started_at, finished_at, expires_at
+#     outputs            [{name, size, sha256}]: the output files, listed once
+#     outputs_truncated  a cap or a failure left some out
+#     stdout_truncated, stderr_truncated   a stream reached OUTPUT_STREAM_MAX_BYTES
+#     expires_ts         when expiry erases the job (null until it ends)
+# A queued job has no record; its status document is made from its queue entry.
 
 
 def _runner_status(job_id):
@@ -1504,20 +1749,6 @@ def _status_queued(job_id, created_ts, position):
     }
 
 
-def spool_delete(job_id):
-    """Erase a job now (queued) or have the runner kill and erase it. False if unknown."""
-    with StateLock():
-        if job_lookup(job_id) is None:
-            return False
-        for seq, queued_id in queue_entries():
-            if queued_id == job_id:
-                path_remove(state_path("http", "queue", f"{seq}.{job_id}"))
-        if _runner_status(job_id) is not None:
-            os.close(os.open(state_path("http", "deleted", job_id), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-    runner_wake()
-    return True
-
-
 # 5. Sandbox ------------------------------------------------------------------
 # Runs in the runner (root, single-threaded) and in the processes it forks.
 # Per jail: the runner forks C2 with clone() straight into new namespaces.
@@ -1540,6 +1771,9 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 # Calls that keep the GIL, as os.fork() does around fork().
 _libc_gil = ctypes.PyDLL(None, use_errno=True)
 _libc_gil.syscall.restype = ctypes.c_long
+# <sys/inotify.h>: a long-poll sleeps on its job's directory (7.1).
+IN_MODIFY, IN_MOVED_TO, IN_CREATE, IN_ONLYDIR = 0x2, 0x80, 0x100, 0x1000000
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 
 # <linux/sched.h>
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
@@ -1769,17 +2003,13 @@ def cgroup_tag(state):
 def cgroup_layout():
     """The cgroup mounts ({"v2": point}, or {controller: point} on v1) and this process's own cgroup in each."""
     mounts = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, right = line.split(" - ", 1)
-            fstype, _, options = right.split()[:3]
-            point = left.split()[4]
-            if fstype == "cgroup2" and point == "/sys/fs/cgroup":
-                mounts["v2"] = point
-            elif fstype == "cgroup":
-                for controller in options.split(","):
-                    if controller in CGROUP_CONTROLLERS:
-                        mounts[controller] = point
+    for point, fstype, options in mountinfo():
+        if fstype == "cgroup2" and point == "/sys/fs/cgroup":
+            mounts["v2"] = point
+        elif fstype == "cgroup":
+            for controller in options.split(","):
+                if controller in CGROUP_CONTROLLERS:
+                    mounts[controller] = point
     own = {}
     with open("/proc/self/cgroup") as f:
         for line in f:
@@ -2673,21 +2903,6 @@ def _jail_unpack(payload_fd):
             os.utime(name, (0, 0), follow_symlinks=False)
 
 
-def recv_fds(sock, bufsize, maxfds, flags=0):
-    """(data, fds): socket.recv_fds as it should be; Python 3.11's drops `flags`, so it can
-    neither be non-blocking nor make the fds close-on-exec. A peer that closed with a message
-    of ours unread makes the kernel say ECONNRESET: the same end as EOF, (b"", [])."""
-    try:
-        data, ancdata, _, _ = sock.recvmsg(bufsize, socket.CMSG_LEN(maxfds * 4), flags | socket.MSG_CMSG_CLOEXEC)
-    except ConnectionResetError:
-        return b"", []
-    fds = array.array("i")
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    return data, list(fds)
-
-
 def _jail_receive(setup):
     """C2: the job jail_assign() sent: (description, payload fd, stdin fd), or a quiet exit on EOF."""
     data, fds = recv_fds(setup, 16, 3)
@@ -2877,30 +3092,7 @@ COPY_CHUNK_BYTES = 1 * MiB  # one step of an output copy
 CPU_CHECK_S = 0.25  # how often a job with a CPU budget has its cgroup's CPU read
 
 
-# 6.1 Reading the hostile state directory, and a job as the runner holds it.
-
-
-def _open_beneath(parts, flags=_DIR):
-    """Open STATE/http/<parts...> without following a link at any step."""
-    fd = os.open(state_path("http"), _DIR)
-    try:
-        for part in parts[:-1]:
-            next_fd = os.open(part, _DIR, dir_fd=fd)
-            os.close(fd)
-            fd = next_fd
-        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-    finally:
-        os.close(fd)
-
-
-def _read_untrusted(dir_fd, name, limit):
-    """A regular file's bytes from a hostile directory, or OSError."""
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    with open(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
-            raise OSError(errno.EINVAL, f"{name}: not a regular file of at most {limit} bytes")
-        return f.read(limit)
+# 6.1 A job as the runner holds it, and how it ends.
 
 
 def _pages(size):
@@ -3059,7 +3251,7 @@ class Runner:
     def _dispatch(self, key):
         kind, job = key.data
         if job is None:
-            self._drain(key.fd)
+            fd_drain(key.fd)
             if kind == "wake":
                 self.next_scan = 0.0
             return
@@ -3078,14 +3270,6 @@ class Runner:
             log_failure("job_step_failed", exc, job=job.id, step=step)
             self._abort(job)
             return None
-
-    @staticmethod
-    def _drain(fd):
-        try:
-            while os.read(fd, 4096):
-                continue
-        except BlockingIOError:
-            return
 
     def _wake_socket(self):
         path = state_path("runner", "wake.sock")
@@ -3249,28 +3433,15 @@ class Runner:
 
     def _claim(self):
         """Take the oldest queued job (under the state lock), or None."""
-        with StateLock(blocking=False) as locked:
-            if not locked:
-                return None  # a worker holds it for a moment; the next tick retries
-            queue_fd = _open_beneath(["queue"])
-            try:
-                names = sorted(os.listdir(queue_fd))
-                if not names:
-                    return None
-                name = names[0]
-                match = _QUEUE_ENTRY.match(name)
-                try:
-                    job = self._claim_entry(queue_fd, name, match.group(2)) if match else None
-                    if job is not None:
-                        # Counted as running before the lock goes, so no submit sees it nowhere.
-                        self.jobs[job.id] = job
-                        self._load()
-                    return job
-                finally:
-                    # Whatever it held, the entry goes: a poisoned one must not stall the queue.
-                    tree_remove(queue_fd, name)
-            finally:
-                os.close(queue_fd)
+        return queue_claim(self._take)
+
+    def _take(self, queue_fd, name, job_id):
+        job = self._claim_entry(queue_fd, name, job_id)
+        if job is not None:
+            # Counted as running before the lock goes, so no submit sees it nowhere.
+            self.jobs[job.id] = job
+            self._load()
+        return job
 
     def _claim_entry(self, queue_fd, name, job_id):
         if os.path.lexists(state_path("runner", "jobs", job_id)):
@@ -3565,6 +3736,7 @@ class Runner:
         self._load()
 
     def _record(self, job, state, reason=None, exit_code=None, signum=None, meta=None, finished=None):
+        """The job's status record; its fields are written down in 4.5, where the workers read it."""
         expires = finished + RESULT_TTL_S if finished is not None else None
         public = {
             "job_id": job.id, "status": state, "queue_position": None, "reason": reason,
@@ -3846,9 +4018,6 @@ JSON_TYPE = "application/json; charset=utf-8"
 #: A long-poll wakes on inotify events; this timer only backs them up (an event
 #: could be missed if the job's directory appears between two looks).
 WAIT_BACKSTOP_S = 0.5
-# <sys/inotify.h>
-IN_MODIFY, IN_MOVED_TO, IN_CREATE, IN_ONLYDIR = 0x2, 0x80, 0x100, 0x1000000
-_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 
 
 # 7.1 Answers, long waits and their shares.
@@ -3958,7 +4127,7 @@ class _JobWatch:
             self.fd = self._threads.fd = _libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
         self.watches, self.watching_job = [], False
         if self.fd >= 0:
-            self._drain()  # events of this thread's earlier watches
+            fd_drain(self.fd)  # events of this thread's earlier watches
             self._add(self.jobs, IN_CREATE | IN_ONLYDIR)
 
     def _add(self, path, events):
@@ -3966,13 +4135,6 @@ class _JobWatch:
         if wd >= 0:
             self.watches.append(wd)
         return wd >= 0
-
-    def _drain(self):
-        try:
-            while os.read(self.fd, 65536):
-                continue
-        except BlockingIOError:
-            return
 
     def arm(self):
         """Before each look, so that nothing can happen between the look and the sleep unseen."""
@@ -3983,7 +4145,7 @@ class _JobWatch:
         if self.fd < 0:
             time.sleep(min(seconds, 0.05))
         elif select.select([self.fd], [], [], seconds)[0]:
-            self._drain()  # events only wake us: the next look says what changed
+            fd_drain(self.fd)  # events only wake us: the next look says what changed
 
     def close(self):
         for wd in self.watches:
@@ -4015,8 +4177,8 @@ def _wait_finished(job_id, wait_s, client):
         _WAITS.give(client)
 
 
-# 7.2 The routes: GET / (the page, or the service and its languages), submit,
-# status, logs, metrics, OpenAPI, outputs, downloads, delete, stats, health.
+# 7.2 The routes: GET / (the page, or the service and its languages), status,
+# logs, metrics, OpenAPI, outputs, downloads, delete, stats, health (submit: 3.5).
 
 
 def _page():
@@ -4081,120 +4243,6 @@ def handle_info(req):
 def _system_load():
     load = _read_json(state_path("runner", "load.json")) or {"running": 0}
     return {"queued": len(queue_entries()), "running": load["running"]}
-
-
-def handle_submit(req):
-    now = time.time()
-    key = client_key(client_address(req.environ))
-    with StateLock():
-        rate_limit_check(key, now)  # cheap early answer; spool_submit checks again as it queues
-    media = (req.content_type or "").lower()
-    cap = MANIFEST_MAX_BYTES if media == "application/json" else UPLOAD_MAX_BYTES
-    if req.content_length is not None and req.content_length > cap:
-        raise http_error(413, "body too large", f"the body is {req.content_length} bytes; the limit is {cap}")
-    if media not in ("application/json", "multipart/form-data"):
-        raise http_error(415, "unsupported media type", "send multipart/form-data (manifest and files) or application/json (code)")
-    if media == "multipart/form-data" and req.content_length is None:
-        raise http_error(400, "length required", "send multipart bodies with a Content-Length")
-    wait_s = _wait_param(req)
-    # The most this upload writes: the JSON body is read into memory; a multipart body
-    # spools one part at a time (at most the body), and the payload may unpack to its cap.
-    reserve = MANIFEST_MAX_BYTES + PAYLOAD_MEMBER_BYTES if media == "application/json" else \
-        req.content_length + UNPACKED_MAX_BYTES + UNPACKED_MEMBERS_MAX * PAYLOAD_MEMBER_BYTES
-    job_id = JOB_ID_PREFIX + secrets.token_hex(16)
-    incoming = upload_admit(job_id, key, reserve, now)
-    try:
-        with open(os.path.join(incoming, "payload.tar"), "xb") as payload, PayloadWriter(payload) as writer:
-            if media == "application/json":
-                manifest = _intake_json(req, writer)
-            else:
-                manifest = _intake_multipart(req, writer, incoming)
-            writer.finish(manifest["entrypoint"])
-        _READS.read(req.environ.get("gunicorn.socket"))  # read whole: no deadline for the answer
-        request = {"manifest": manifest, "client": key, "created_ts": now}
-        with open(os.path.join(incoming, "request.json"), "x") as f:
-            json.dump(request, f)
-        position = spool_submit(job_id, key, incoming)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _storage_full() from None
-        raise
-    finally:
-        path_remove(incoming)  # queued, it was renamed away; refused, nothing of it stays
-    metrics_count("sandrun_jobs_submitted_total")
-    status_url = f"/status/{job_id}"
-    if wait_s > 0:
-        found = _wait_finished(job_id, wait_s, key)
-        if found is not None and found[0]["status"] in ("completed", "failed"):
-            return _json(found[0])
-    doc = {"job_id": job_id, "status": "queued", "position": position, "status_url": status_url}
-    return _json(doc, 202, {"Location": status_url})
-
-
-def _storage_full():
-    return http_error(503, "storage full", "the server holds as many uploads and results as it can; try again shortly", headers={"Retry-After": "30"})
-
-
-def _read_body(req, cap):
-    body = req.body_file_raw.read(cap + 1) if req.content_length is None else req.body_file_raw.read(req.content_length)
-    if len(body) > cap:
-        raise http_error(413, "body too large", f"the body is over the limit of {cap} bytes")
-    return body
-
-
-def _intake_json(req, writer):
-    doc = _json_strict(_read_body(req, MANIFEST_MAX_BYTES), "JSON body")
-    if not isinstance(doc, dict):
-        raise http_error(400, "invalid manifest", "the body must be a JSON object")
-    code = doc.get("code")
-    if not isinstance(code, str):
-        raise http_error(400, "invalid manifest", "'code' must be a string")
-    manifest = manifest_parse({**doc, "entrypoint": None}, code_form=True)
-    manifest["entrypoint"] = "main" + INTERPRETER_CANDIDATES[manifest["interpreter"]][0]
-    data = code.encode("utf-8", "surrogatepass")
-    writer.add_file(manifest["entrypoint"], io.BytesIO(data), len(data), False, "code")
-    return manifest
-
-
-def _intake_multipart(req, writer, incoming):
-    """Read the form as it arrives: the manifest into memory, each file part through a spool
-    file in the upload's directory into the payload, one at a time."""
-    reader = MultipartReader(req.body_file_raw, req.content_length, multipart_boundary(req))
-    manifest, files = None, 0
-    for headers in reader.parts():
-        kind, params = _header_params("content-disposition", headers.get("content-disposition", ""))
-        name = params.get("name")
-        if kind != "form-data" or name not in ("manifest", "files"):
-            raise http_error(400, "invalid form", f"unexpected form field {json.dumps(str(name)[:100])}; send 'manifest' and 'files'")
-        if name == "manifest":
-            if manifest is not None:
-                raise http_error(400, "invalid form", "send exactly one 'manifest' field")
-            manifest = bytearray()
-            reader.read_part(functools.partial(_manifest_extend, manifest))
-            continue
-        if not params.get("filename"):
-            raise http_error(400, "invalid form", "each 'files' part must be a file upload with a filename")
-        path = os.path.join(incoming, "part")
-        with open(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w+b") as spool:
-            try:
-                reader.read_part(spool.write)
-                spool.flush()
-                spool.seek(0)
-                upload_add_part(writer, params["filename"], spool)
-            finally:
-                os.unlink(path)  # its space is free again before the next part
-        files += 1
-    if manifest is None:
-        raise http_error(400, "invalid form", "send exactly one 'manifest' field")
-    if not files:
-        raise http_error(400, "invalid form", "send at least one 'files' part")
-    return manifest_parse(_json_strict(bytes(manifest), "manifest"), code_form=False)
-
-
-def _manifest_extend(manifest, data):
-    manifest += data
-    if len(manifest) > MANIFEST_MAX_BYTES:
-        raise http_error(413, "manifest too large", f"the manifest is over {MANIFEST_MAX_BYTES} bytes")
 
 
 def handle_status(req, job_id):
@@ -4321,16 +4369,6 @@ def _sse(event, text):
 
 
 #: What GET /metrics shows: (name, type, help), each family always, zero or not.
-METRIC_FAMILIES = (
-    ("sandrun_jobs_submitted_total", "counter", "Jobs accepted (answered 202, or 200 with ?wait)."),
-    ("sandrun_jobs_finished_total", "counter", "Jobs that ended, by status (completed, failed, deleted) and reason."),
-    ("sandrun_jobs_queued", "gauge", "Jobs waiting for a slot now."),
-    ("sandrun_jobs_running", "gauge", "Jobs running now."),
-    ("sandrun_job_wall_seconds", "histogram", "Wall time of ended jobs, from start to end."),
-    ("sandrun_job_cpu_seconds", "histogram", "CPU time of ended jobs, all their processes."),
-    ("sandrun_http_rejected_total", "counter", "Answers 429 (rate limited) and 503 (full, busy or unhealthy), by code."),
-    ("sandrun_runner_restarts_total", "counter", "Times the runner died and was started again."),
-)
 
 
 def handle_metrics(req):
@@ -4374,146 +4412,6 @@ def handle_metrics(req):
                 lines.append(series(name, json.loads(key), value))
     body = ("\n".join(lines) + "\n").encode()
     return webob.Response(body=body, content_type="text/plain; version=0.0.4", charset="utf-8")
-
-
-def openapi_document():
-    """The OpenAPI 3.1 description of every route, built from the live settings so its limits are true."""
-    null = lambda schema: {"oneOf": [schema, {"type": "null"}]}  # noqa: E731
-    ref = lambda name: {"$ref": f"#/components/schemas/{name}"}  # noqa: E731
-    string, integer, boolean, number = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {"type": "number"}
-    no_nul = {"type": "string", "pattern": "^[^\\u0000]*$"}
-    obj = lambda props, required=None, more=False: {  # noqa: E731
-        "type": "object", "properties": props, "required": sorted(props) if required is None else required, "additionalProperties": more}
-    job_id = {"type": "string", "pattern": "^" + JOB_ID.pattern.removesuffix("\\Z") + "$"}
-    languages = languages_describe()
-    reasons = ["exit_code", "compile_error", "signal", "timeout", "memory_limit", "output_limit", "cpu_limit", "killed",
-               "internal_error"]
-    schemas = {
-        "Error": obj({"error": string, "details": string, "retry_after": integer, "reason": string}, ["error", "details"]),
-        "Manifest": obj({
-            "entrypoint": {"type": "string", "description": "relative path of an uploaded file; required for multipart"},
-            "interpreter": {"enum": sorted(INTERPRETERS), "description": "one of GET / interpreters; from the entrypoint's extension if absent. "
-                            "Here: " + "; ".join(_language_label(name, info) for name, info in languages.items())},
-            "args": {"type": "array", "items": no_nul, "maxItems": ARGS_MAX},
-            "stdin": {"type": "string", "maxLength": STDIN_MAX_BYTES // 4, "description": f"at most {STDIN_MAX_BYTES} bytes as UTF-8"},
-            "env": {"type": "object", "additionalProperties": no_nul, "maxProperties": ENV_VARS_MAX,
-                    "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}},
-            "outputs": {"type": "array", "maxItems": OUTPUT_GLOBS_MAX, "description": "globs; absent: every file the job created or changed",
-                        "items": {"type": "string", "minLength": 1, "maxLength": 256,
-                                  "pattern": f"^[^\\u0000*?]*([*?][^\\u0000*?]*){{0,{OUTPUT_GLOB_WILDCARDS_MAX}}}$"}},
-            "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": JOB_TIMEOUT_S, "default": JOB_TIMEOUT_S},
-            "memory_mb": {"type": "integer", "minimum": JOB_MEMORY_MIN_BYTES // MiB, "maximum": JOB_MEMORY_MAX_BYTES // MiB,
-                          "default": JOB_MEMORY_MAX_BYTES // MiB},
-        }, [], more=True),
-        "CodeSubmission": {"allOf": [ref("Manifest"), {"type": "object", "required": ["code", "interpreter"],
-                                                       "properties": {"code": string}}]},
-        "Accepted": obj({"job_id": job_id, "status": {"const": "queued"}, "position": integer, "status_url": string}),
-        "Status": obj({
-            "job_id": job_id, "status": {"enum": ["queued", "running", "completed", "failed"]},
-            "queue_position": null(integer), "reason": null({"enum": reasons}),
-            "exit_code": null(integer), "signal": null(integer),
-            "execution_metadata": null(obj({"cpu_seconds": null(number), "memory_peak_bytes": null(integer),
-                                            "wall_time_ms": integer, "exit_code": null(integer), "interpreter": null(string)})),
-            "output_files": {"type": "object", "additionalProperties": obj({"path": string, "size_bytes": integer,
-                                                                           "sha256_hash": string, "type": {"const": "file"}})},
-            "created_at": string, "started_at": null(string), "finished_at": null(string), "expires_at": null(string),
-            "outputs_truncated": boolean,
-        }, ["job_id", "status", "queue_position", "reason", "exit_code", "signal", "execution_metadata", "output_files",
-            "created_at", "started_at", "finished_at", "expires_at"]),
-        "Logs": obj({"stdout": string, "stderr": string, "stdout_truncated": boolean, "stderr_truncated": boolean}),
-        "Outputs": obj({"job_id": job_id, "status": string, "total_files": integer, "total_bytes": integer, "outputs_truncated": boolean,
-                        "files": {"type": "array", "items": obj({"name": string, "size": integer, "sha256": string,
-                                                                 "mime_type": string, "download_url": string})}}),
-        "Stats": obj({"your_quota": obj({"active_jobs": integer, "concurrent_limit": integer, "jobs_this_hour": integer,
-                                         "jobs_per_hour_limit": integer, "cpu_seconds_used": number, "cpu_seconds_limit": number,
-                                         "can_submit": boolean, "reason": null(string)}),
-                      "system": obj({"queued": integer, "running": integer})}),
-        "Info": obj({"service": {"const": "sandrun"}, "version": string, "status": string,
-                     "node": {"type": "string", "pattern": "^[a-z0-9]{0,16}$", "description": "this node's name in a cluster; empty alone"},
-                     "interpreters": {"type": "object", "additionalProperties": string},
-                     "languages": {"type": "object", "examples": [languages], "additionalProperties": obj({
-                         "version": string, "extensions": {"type": "array", "items": string}, "compiles": boolean,
-                         "compile_command": {"type": "string", "description": "how a language that compiles builds /tmp/program"},
-                         "packages": {"type": "object", "additionalProperties": string,
-                                      "description": "python3: importable packages and their versions"},
-                     }, ["version", "extensions", "compiles"])},
-                     "limits": obj({"timeout_seconds_max": number, "memory_mb_max": integer, "cpu_seconds_per_minute": number,
-                                    "concurrent_jobs_per_ip": integer, "jobs_per_hour_per_ip": integer, "upload_bytes_max": integer}),
-                     "queue": obj({"queued": integer, "running": integer})}),
-        "Health": obj({"status": {"const": "healthy"}}),
-        "Unhealthy": obj({"status": {"const": "unhealthy"}, "error": string, "details": string}),
-    }
-
-    def answer(description, schema=None, media="application/json", headers=None):
-        doc = {"description": description}
-        if schema is not None:
-            doc["content"] = {media: {"schema": schema}}
-        if headers:
-            doc["headers"] = {name: {"schema": string, "description": text} for name, text in headers.items()}
-        return doc
-
-    error = lambda description, **kw: answer(description, ref("Error"), **kw)  # noqa: E731
-    retry = {"Retry-After": "seconds to wait"}
-    wait = {"name": "wait", "in": "query", "required": False,
-            "description": "hold the answer up to this many seconds until the job has ended",
-            "schema": {"type": "number", "minimum": 0, "maximum": WAIT_MAX_S}}
-    job = {"name": "job_id", "in": "path", "required": True, "schema": job_id}
-    job_links = {name: {"operationId": name, "parameters": {"job_id": "$response.body#/job_id"}}
-                 for name in ("getStatus", "getLogs", "getOutputs", "getArchive", "deleteJob")}
-    not_found = error("no such job (never, expired or deleted)")
-    paths = {
-        "/": {"get": {"summary": "Service info: interpreters, limits, queue", "responses": {"200": answer("info", ref("Info"))}}},
-        "/submit": {"post": {
-            "summary": "Submit a job", "parameters": [wait],
-            "requestBody": {"required": True, "content": {
-                "application/json": {"schema": ref("CodeSubmission")},
-                "multipart/form-data": {"schema": {"type": "object", "required": ["manifest", "files"], "additionalProperties": False, "properties": {
-                    "manifest": {"type": "string", "description": "the manifest, as JSON"},
-                    "files": {"type": "array", "items": {"type": "string", "format": "binary"},
-                              "description": "files, or tar/tgz/tbz2/txz/zip archives recognised by their bytes"}}}}}},
-            "responses": {
-                "202": {**answer("queued", ref("Accepted"), headers={"Location": "/status/{job_id}"}), "links": job_links},
-                "200": answer("ended within ?wait", ref("Status")),
-                "400": error("bad manifest, upload or parameter"), "413": error(f"body over {UPLOAD_MAX_BYTES} bytes, or unpacks to too much"),
-                "415": error("not multipart/form-data or application/json"),
-                "429": error("the client's quota is used up", headers=retry), "503": error("queue or storage full", headers=retry)}}},
-        "/status/{job_id}": {"get": {"operationId": "getStatus", "summary": "A job's status document", "parameters": [job, wait],
-                                     "responses": {"200": answer("status", ref("Status")), "400": error("bad parameter"), "404": not_found}}},
-        "/logs/{job_id}": {"get": {
-            "operationId": "getLogs", "summary": "stdout and stderr so far; ?follow=1 streams them as Server-Sent Events",
-            "parameters": [job, {"name": "follow", "in": "query", "required": False, "schema": {"enum": ["0", "1"]}}],
-            "responses": {"200": {"description": "logs; with follow=1, Server-Sent Events: 'stdout' and 'stderr' events whose data "
-                                                 "lines are the new text, then one 'status' event whose data is the Status document",
-                                  "content": {"application/json": {"schema": ref("Logs")},
-                                              "text/event-stream": {"schema": {"type": "object", "required": ["event", "data"], "properties": {
-                                                  "event": {"enum": ["stdout", "stderr", "status"]}, "data": string}}}}},
-                          "400": error("bad parameter"), "404": not_found,
-                          "503": error("this client or worker has as many log answers as it may", headers=retry)}}},
-        "/outputs/{job_id}": {"get": {"operationId": "getOutputs", "summary": "A job's output files", "parameters": [job],
-                                      "responses": {"200": answer("outputs", ref("Outputs")), "404": not_found}}},
-        "/download/{job_id}": {"get": {"operationId": "getArchive", "summary": "All output files as one .tar.gz", "parameters": [job],
-                                       "responses": {"200": answer("archive", {"type": "string", "format": "binary"}, "application/gzip"),
-                                                     "404": not_found,
-                                                     "503": error("this client or worker has as many transfers as it may", headers=retry)}}},
-        "/download/{job_id}/{path}": {"get": {
-            "summary": "One output file, as an attachment",
-            "parameters": [job, {"name": "path", "in": "path", "required": True, "schema": string}],
-            "responses": {"200": answer("the file, with the media type its name suggests", {"type": "string", "format": "binary"}, "*/*"),
-                          "404": error("no such job or file")}}},
-        "/jobs/{job_id}": {"delete": {"operationId": "deleteJob", "summary": "Kill the job if it runs and erase everything about it",
-                                      "parameters": [job],
-                                      "responses": {"204": answer("erased"), "404": not_found}}},
-        "/stats": {"get": {"summary": "The caller's quota and the queue", "responses": {"200": answer("stats", ref("Stats"))}}},
-        "/metrics": {"get": {"summary": "Prometheus text: aggregates only",
-                             "responses": {"200": answer("metrics", string, "text/plain")}}},
-        "/health": {"get": {"summary": "Whether the server can run jobs",
-                            "responses": {"200": answer("healthy", ref("Health")),
-                                          "503": answer("unhealthy", ref("Unhealthy"), headers=retry)}}},
-        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": answer("OpenAPI 3.1", {"type": "object"})}}},
-    }
-    return {"openapi": "3.1.0", "info": {"title": "Sandrun", "version": VERSION,
-                                         "description": "Anonymous, ephemeral, sandboxed code execution over HTTP."},
-            "paths": paths, "components": {"schemas": schemas}}
 
 
 def handle_openapi(req):
@@ -4707,7 +4605,162 @@ def app(environ, start_response):
     return response.app_iter
 
 
-# 7.4 The HTTP worker: gunicorn's gthread worker reads a request's headers and
+# 7.4 Data the routes serve: the metric families (GET /metrics) and the OpenAPI
+# document (GET /openapi.json), built from the live settings so that its limits are true.
+
+METRIC_FAMILIES = (
+    ("sandrun_jobs_submitted_total", "counter", "Jobs accepted (answered 202, or 200 with ?wait)."),
+    ("sandrun_jobs_finished_total", "counter", "Jobs that ended, by status (completed, failed, deleted) and reason."),
+    ("sandrun_jobs_queued", "gauge", "Jobs waiting for a slot now."),
+    ("sandrun_jobs_running", "gauge", "Jobs running now."),
+    ("sandrun_job_wall_seconds", "histogram", "Wall time of ended jobs, from start to end."),
+    ("sandrun_job_cpu_seconds", "histogram", "CPU time of ended jobs, all their processes."),
+    ("sandrun_http_rejected_total", "counter", "Answers 429 (rate limited) and 503 (full, busy or unhealthy), by code."),
+    ("sandrun_runner_restarts_total", "counter", "Times the runner died and was started again."),
+)
+
+
+def openapi_document():
+    """The OpenAPI 3.1 description of every route, built from the live settings so its limits are true."""
+    null = lambda schema: {"oneOf": [schema, {"type": "null"}]}  # noqa: E731
+    ref = lambda name: {"$ref": f"#/components/schemas/{name}"}  # noqa: E731
+    string, integer, boolean, number = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {"type": "number"}
+    no_nul = {"type": "string", "pattern": "^[^\\u0000]*$"}
+    obj = lambda props, required=None, more=False: {  # noqa: E731
+        "type": "object", "properties": props, "required": sorted(props) if required is None else required, "additionalProperties": more}
+    job_id = {"type": "string", "pattern": "^" + JOB_ID.pattern.removesuffix("\\Z") + "$"}
+    languages = languages_describe()
+    reasons = ["exit_code", "compile_error", "signal", "timeout", "memory_limit", "output_limit", "cpu_limit", "killed",
+               "internal_error"]
+    schemas = {
+        "Error": obj({"error": string, "details": string, "retry_after": integer, "reason": string}, ["error", "details"]),
+        "Manifest": obj({
+            "entrypoint": {"type": "string", "description": "relative path of an uploaded file; required for multipart"},
+            "interpreter": {"enum": sorted(INTERPRETERS), "description": "one of GET / interpreters; from the entrypoint's extension if absent. "
+                            "Here: " + "; ".join(_language_label(name, info) for name, info in languages.items())},
+            "args": {"type": "array", "items": no_nul, "maxItems": ARGS_MAX},
+            "stdin": {"type": "string", "maxLength": STDIN_MAX_BYTES // 4, "description": f"at most {STDIN_MAX_BYTES} bytes as UTF-8"},
+            "env": {"type": "object", "additionalProperties": no_nul, "maxProperties": ENV_VARS_MAX,
+                    "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}},
+            "outputs": {"type": "array", "maxItems": OUTPUT_GLOBS_MAX, "description": "globs; absent: every file the job created or changed",
+                        "items": {"type": "string", "minLength": 1, "maxLength": 256,
+                                  "pattern": f"^[^\\u0000*?]*([*?][^\\u0000*?]*){{0,{OUTPUT_GLOB_WILDCARDS_MAX}}}$"}},
+            "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": JOB_TIMEOUT_S, "default": JOB_TIMEOUT_S},
+            "memory_mb": {"type": "integer", "minimum": JOB_MEMORY_MIN_BYTES // MiB, "maximum": JOB_MEMORY_MAX_BYTES // MiB,
+                          "default": JOB_MEMORY_MAX_BYTES // MiB},
+        }, [], more=True),
+        "CodeSubmission": {"allOf": [ref("Manifest"), {"type": "object", "required": ["code", "interpreter"],
+                                                       "properties": {"code": string}}]},
+        "Accepted": obj({"job_id": job_id, "status": {"const": "queued"}, "position": integer, "status_url": string}),
+        "Status": obj({
+            "job_id": job_id, "status": {"enum": ["queued", "running", "completed", "failed"]},
+            "queue_position": null(integer), "reason": null({"enum": reasons}),
+            "exit_code": null(integer), "signal": null(integer),
+            "execution_metadata": null(obj({"cpu_seconds": null(number), "memory_peak_bytes": null(integer),
+                                            "wall_time_ms": integer, "exit_code": null(integer), "interpreter": null(string)})),
+            "output_files": {"type": "object", "additionalProperties": obj({"path": string, "size_bytes": integer,
+                                                                           "sha256_hash": string, "type": {"const": "file"}})},
+            "created_at": string, "started_at": null(string), "finished_at": null(string), "expires_at": null(string),
+            "outputs_truncated": boolean,
+        }, ["job_id", "status", "queue_position", "reason", "exit_code", "signal", "execution_metadata", "output_files",
+            "created_at", "started_at", "finished_at", "expires_at"]),
+        "Logs": obj({"stdout": string, "stderr": string, "stdout_truncated": boolean, "stderr_truncated": boolean}),
+        "Outputs": obj({"job_id": job_id, "status": string, "total_files": integer, "total_bytes": integer, "outputs_truncated": boolean,
+                        "files": {"type": "array", "items": obj({"name": string, "size": integer, "sha256": string,
+                                                                 "mime_type": string, "download_url": string})}}),
+        "Stats": obj({"your_quota": obj({"active_jobs": integer, "concurrent_limit": integer, "jobs_this_hour": integer,
+                                         "jobs_per_hour_limit": integer, "cpu_seconds_used": number, "cpu_seconds_limit": number,
+                                         "can_submit": boolean, "reason": null(string)}),
+                      "system": obj({"queued": integer, "running": integer})}),
+        "Info": obj({"service": {"const": "sandrun"}, "version": string, "status": string,
+                     "node": {"type": "string", "pattern": "^[a-z0-9]{0,16}$", "description": "this node's name in a cluster; empty alone"},
+                     "interpreters": {"type": "object", "additionalProperties": string},
+                     "languages": {"type": "object", "examples": [languages], "additionalProperties": obj({
+                         "version": string, "extensions": {"type": "array", "items": string}, "compiles": boolean,
+                         "compile_command": {"type": "string", "description": "how a language that compiles builds /tmp/program"},
+                         "packages": {"type": "object", "additionalProperties": string,
+                                      "description": "python3: importable packages and their versions"},
+                     }, ["version", "extensions", "compiles"])},
+                     "limits": obj({"timeout_seconds_max": number, "memory_mb_max": integer, "cpu_seconds_per_minute": number,
+                                    "concurrent_jobs_per_ip": integer, "jobs_per_hour_per_ip": integer, "upload_bytes_max": integer}),
+                     "queue": obj({"queued": integer, "running": integer})}),
+        "Health": obj({"status": {"const": "healthy"}}),
+        "Unhealthy": obj({"status": {"const": "unhealthy"}, "error": string, "details": string}),
+    }
+
+    def answer(description, schema=None, media="application/json", headers=None):
+        doc = {"description": description}
+        if schema is not None:
+            doc["content"] = {media: {"schema": schema}}
+        if headers:
+            doc["headers"] = {name: {"schema": string, "description": text} for name, text in headers.items()}
+        return doc
+
+    error = lambda description, **kw: answer(description, ref("Error"), **kw)  # noqa: E731
+    retry = {"Retry-After": "seconds to wait"}
+    wait = {"name": "wait", "in": "query", "required": False,
+            "description": "hold the answer up to this many seconds until the job has ended",
+            "schema": {"type": "number", "minimum": 0, "maximum": WAIT_MAX_S}}
+    job = {"name": "job_id", "in": "path", "required": True, "schema": job_id}
+    job_links = {name: {"operationId": name, "parameters": {"job_id": "$response.body#/job_id"}}
+                 for name in ("getStatus", "getLogs", "getOutputs", "getArchive", "deleteJob")}
+    not_found = error("no such job (never, expired or deleted)")
+    paths = {
+        "/": {"get": {"summary": "Service info: interpreters, limits, queue", "responses": {"200": answer("info", ref("Info"))}}},
+        "/submit": {"post": {
+            "summary": "Submit a job", "parameters": [wait],
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": ref("CodeSubmission")},
+                "multipart/form-data": {"schema": {"type": "object", "required": ["manifest", "files"], "additionalProperties": False, "properties": {
+                    "manifest": {"type": "string", "description": "the manifest, as JSON"},
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                              "description": "files, or tar/tgz/tbz2/txz/zip archives recognised by their bytes"}}}}}},
+            "responses": {
+                "202": {**answer("queued", ref("Accepted"), headers={"Location": "/status/{job_id}"}), "links": job_links},
+                "200": answer("ended within ?wait", ref("Status")),
+                "400": error("bad manifest, upload or parameter"), "413": error(f"body over {UPLOAD_MAX_BYTES} bytes, or unpacks to too much"),
+                "415": error("not multipart/form-data or application/json"),
+                "429": error("the client's quota is used up", headers=retry), "503": error("queue or storage full", headers=retry)}}},
+        "/status/{job_id}": {"get": {"operationId": "getStatus", "summary": "A job's status document", "parameters": [job, wait],
+                                     "responses": {"200": answer("status", ref("Status")), "400": error("bad parameter"), "404": not_found}}},
+        "/logs/{job_id}": {"get": {
+            "operationId": "getLogs", "summary": "stdout and stderr so far; ?follow=1 streams them as Server-Sent Events",
+            "parameters": [job, {"name": "follow", "in": "query", "required": False, "schema": {"enum": ["0", "1"]}}],
+            "responses": {"200": {"description": "logs; with follow=1, Server-Sent Events: 'stdout' and 'stderr' events whose data "
+                                                 "lines are the new text, then one 'status' event whose data is the Status document",
+                                  "content": {"application/json": {"schema": ref("Logs")},
+                                              "text/event-stream": {"schema": {"type": "object", "required": ["event", "data"], "properties": {
+                                                  "event": {"enum": ["stdout", "stderr", "status"]}, "data": string}}}}},
+                          "400": error("bad parameter"), "404": not_found,
+                          "503": error("this client or worker has as many log answers as it may", headers=retry)}}},
+        "/outputs/{job_id}": {"get": {"operationId": "getOutputs", "summary": "A job's output files", "parameters": [job],
+                                      "responses": {"200": answer("outputs", ref("Outputs")), "404": not_found}}},
+        "/download/{job_id}": {"get": {"operationId": "getArchive", "summary": "All output files as one .tar.gz", "parameters": [job],
+                                       "responses": {"200": answer("archive", {"type": "string", "format": "binary"}, "application/gzip"),
+                                                     "404": not_found,
+                                                     "503": error("this client or worker has as many transfers as it may", headers=retry)}}},
+        "/download/{job_id}/{path}": {"get": {
+            "summary": "One output file, as an attachment",
+            "parameters": [job, {"name": "path", "in": "path", "required": True, "schema": string}],
+            "responses": {"200": answer("the file, with the media type its name suggests", {"type": "string", "format": "binary"}, "*/*"),
+                          "404": error("no such job or file")}}},
+        "/jobs/{job_id}": {"delete": {"operationId": "deleteJob", "summary": "Kill the job if it runs and erase everything about it",
+                                      "parameters": [job],
+                                      "responses": {"204": answer("erased"), "404": not_found}}},
+        "/stats": {"get": {"summary": "The caller's quota and the queue", "responses": {"200": answer("stats", ref("Stats"))}}},
+        "/metrics": {"get": {"summary": "Prometheus text: aggregates only",
+                             "responses": {"200": answer("metrics", string, "text/plain")}}},
+        "/health": {"get": {"summary": "Whether the server can run jobs",
+                            "responses": {"200": answer("healthy", ref("Health")),
+                                          "503": answer("unhealthy", ref("Unhealthy"), headers=retry)}}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": answer("OpenAPI 3.1", {"type": "object"})}}},
+    }
+    return {"openapi": "3.1.0", "info": {"title": "Sandrun", "version": VERSION,
+                                         "description": "Anonymous, ephemeral, sandboxed code execution over HTTP."},
+            "paths": paths, "components": {"schemas": schemas}}
+
+
+# 7.5 The HTTP worker: gunicorn's gthread worker reads a request's headers and
 # body in one of its threads, blocking, so a client that sends slowly holds
 # that thread. Behind nginx that is nginx's problem (it reads the whole
 # request first); on a direct bind, two guards: a deadline for reading each
@@ -4784,20 +4837,7 @@ class ThreadWorker(gunicorn.workers.gthread.ThreadWorker):
 # both die with the master (PR_SET_PDEATHSIG), and every job dies with the
 # runner, so nothing outlives the server.
 
-_CGROUPS = None
-_KEEPER = None  # (pid, pidfd) of the runner keeper, in the master
-_STATE_MOUNTED = False
-_STATE_LOCK = []  # the flocked fd of STATE_DIR, once this server owns it
 LOG_FORMAT = "%(asctime)s sandrun[%(process)d] %(levelname)s %(message)s"
-
-
-def _is_mount_point(path, fstype):
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, right = line.split(" - ", 1)
-            if left.split()[4] == path and right.split()[0] == fstype:
-                return True
-    return False
 
 
 def _state_empty():
@@ -5029,10 +5069,10 @@ def _keeper_watch(pid, beat_r, wake_r, stopping):
             ready = select.select([pidfd, beat_r, wake_r], [], [], 1.0)[0]
             now = time.monotonic()
             if beat_r in ready:
-                Runner._drain(beat_r)
+                fd_drain(beat_r)
                 last_beat = now
             if wake_r in ready:
-                Runner._drain(wake_r)
+                fd_drain(wake_r)
             while True:
                 reaped, status = os.waitpid(-1, os.WNOHANG)
                 if reaped == pid:
