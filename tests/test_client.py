@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sandrun_client import SandrunClient, SandrunError
+from conftest import Server
 
 CLIENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sandrun_client.py")
 
@@ -56,7 +57,6 @@ def test_errors_carry_the_servers_words(client):
 
 
 def test_a_429_carries_retry_after():
-    from conftest import Server
 
     srv = Server({"SANDRUN_RATE_JOBS_PER_HOUR": "1"}, "client").start()
     try:
@@ -113,7 +113,6 @@ def test_the_curl_examples_run_against_the_server(server):
 def test_an_early_413_reaches_the_client(tmp_path):
     """The server answers 413 from Content-Length and closes while the client still sends: the
     client reads that answer instead of dying of a broken pipe."""
-    from conftest import Server
 
     srv = Server({"SANDRUN_UPLOAD_MAX_BYTES": str(16 << 20), "SANDRUN_UNPACKED_MAX_BYTES": str(16 << 20)}, "early").start()
     try:

@@ -6,6 +6,8 @@ address answers within a second, the victim completes, and afterwards the
 state tmpfs and the workers are back where they were.
 """
 
+import concurrent.futures
+import gzip
 import io
 import json
 import os
@@ -149,7 +151,6 @@ def test_repeated_headers_are_stopped_by_the_stream_cap(front):
     header.type = tarfile.DIRTYPE
     block = header.tobuf(tarfile.USTAR_FORMAT)
     buf = io.BytesIO()
-    import gzip
 
     with gzip.GzipFile(fileobj=buf, mode="wb") as g:
         g.write(make_tar([MAIN], "w")[:1024])
@@ -324,7 +325,6 @@ def test_slow_readers_cannot_take_every_thread():
 
 
 def test_long_polls_cannot_take_every_thread(front):
-    import concurrent.futures
 
     job_id = front.start_sleeper(20)
     bystander = Bystander(front)

@@ -3,12 +3,15 @@
 import collections
 import json
 import os
+import pwd
+import socket
+import threading
 import time
 
 import pytest
 
 import sandrun
-from conftest import descendants, eventually
+from conftest import descendants, eventually, multipart
 
 JOB_ID = "job-" + "0" * 32
 
@@ -80,7 +83,6 @@ def test_wrong_content_type_is_415(server):
 
 
 def test_multipart_without_manifest_or_files_is_400(server):
-    from conftest import multipart
 
     body, ctype = multipart({"manifest": '{"entrypoint": "a.py"}'}, [])
     status, _, data = server.request("POST", "/submit", body, {"Content-Type": ctype})
@@ -199,7 +201,6 @@ def test_oversized_request_line_and_headers_are_refused(server):
 
 
 def test_content_length_larger_than_the_body_does_not_hang_a_worker(server):
-    import socket
 
     with socket.create_connection(("127.0.0.1", server.port), timeout=40) as s:
         s.sendall(b"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"code\"")
@@ -210,7 +211,6 @@ def test_content_length_larger_than_the_body_does_not_hang_a_worker(server):
 
 
 def test_parked_long_polls_do_not_starve_the_service(server):
-    import threading
 
     doc = server.submit_code("import time; time.sleep(4)", wait=0)
     results = []
@@ -240,7 +240,6 @@ def test_long_poll_outlasts_the_worker_timeout(server):
 def test_each_process_names_its_role_and_only_four_keep_root(server):
     """Master, keeper, runner and the runner's jail factory are root; the workers are the HTTP
     user; a spare jail (its own session, the runner's child) has dropped to the job's user before any job."""
-    import pwd
 
     def roles():
         found = collections.Counter()

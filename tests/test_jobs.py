@@ -1,5 +1,8 @@
 """Jobs that should work: every submit form, interpreter and manifest field."""
 
+import collections
+import concurrent.futures
+import gzip
 import hashlib
 import io
 import json
@@ -117,7 +120,6 @@ def test_zip_archive_and_plain_files_with_relative_names(server):
 
 
 def test_gzip_of_a_plain_file_is_stored_as_a_file(server):
-    import gzip
 
     files = [("main.py", b"import gzip; print(gzip.open('data.gz').read().decode())"), ("data.gz", gzip.compress(b"not a tar"))]
     status, _, body = server.submit_files(files, {"entrypoint": "main.py"})
@@ -169,8 +171,6 @@ def test_other_interpreters(server, interpreter, code, expected):
 
 def test_many_quick_jobs_at_once_all_succeed_and_the_runner_never_restarts(server):
     """Concurrent submits contend for the state lock with the runner's claims: nothing may fail."""
-    import collections
-    import concurrent.futures
 
     jobs = [("pass", "python3"), ("true", "bash"), ("0", "node"), ("exit 3", "sh")]
 

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from conftest import SUITE_ENV, Server
+
 SLOW = "import time, sys\nprint('first', flush=True)\ntime.sleep(2)\nprint('second', flush=True)\nprint('oops', file=sys.stderr)"
 
 
@@ -89,7 +91,6 @@ def test_follow_of_an_unknown_job_is_404(server):
 
 
 def test_streams_per_worker_are_capped_and_a_deleted_job_ends_its_stream():
-    from conftest import SUITE_ENV, Server
 
     srv = Server({**SUITE_ENV, "SANDRUN_HTTP_WORKERS": "1", "SANDRUN_HTTP_THREADS": "2"}, "streams").start()
     try:

@@ -1,9 +1,10 @@
 """GET /openapi.json: every route is described, and real answers match what it says."""
 
 import io
-import os
 import json
+import os
 import re
+import subprocess
 import tarfile
 
 import jsonschema
@@ -12,7 +13,7 @@ import referencing
 import referencing.jsonschema
 
 import sandrun
-from conftest import multipart
+from conftest import ROOT, SUITE_ENV, Server, multipart
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,6 @@ def test_real_answers_match_the_document(server, spec):
 
 
 def test_a_429_matches_the_document(spec):
-    from conftest import Server
 
     srv = Server({"SANDRUN_RATE_JOBS_PER_HOUR": "1"}, "openapi").start()
     try:
@@ -129,9 +129,7 @@ def test_schemathesis_finds_no_fault():
     (examples, coverage, fuzzing, stateful through the links from POST /submit), a bounded number
     of examples and a fixed seed. No server error, no answer outside the document, no schema-valid
     request refused (but for the one relation tests/schemathesis.toml explains)."""
-    import subprocess
 
-    from conftest import ROOT, SUITE_ENV, Server
 
     srv = Server({**SUITE_ENV, "SANDRUN_MAX_QUEUED": "1000"}, "schemathesis").start()
     try:

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+import sandrun
 from conftest import Server, eventually
 
 SLEEP = "import time; time.sleep(20)"
@@ -74,7 +75,6 @@ def test_forwarded_for_is_ignored_from_untrusted_peers(default_server):
 
 
 def test_ipv6_clients_count_by_64():
-    import sandrun
 
     sandrun._CLIENT_KEY = b"k" * 32
     key = sandrun.client_key

@@ -8,11 +8,13 @@ complete afterwards. Every server's log is checked for tracebacks at stop.
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 import time
 
 import pytest
-from conftest import SUITE_ENV, Bystander, Server, descendants, eventually, fill
+from conftest import SUITE_ENV, Bystander, Server, descendants, eventually, fill, leftovers
 
 import sandrun
 
@@ -380,7 +382,6 @@ def test_a_job_sees_nothing_of_the_host_in_its_init(server):
 def test_a_failed_step_ends_only_its_job(server):
     """A real fault from outside (the job's results directory removed under the runner):
     the runner's step for that job fails, the job ends, the runner and every other job go on."""
-    import shutil
 
     runner = server.runner_pid()
     bystander = Bystander(server)
@@ -410,10 +411,7 @@ def test_ctrl_c_stops_the_server_in_order():
 
 
 def test_nothing_outlives_a_killed_master_even_a_stuck_runner():
-    import shutil
-    import subprocess
 
-    from conftest import leftovers
 
     srv = Server(SUITE_ENV, "orphans").start()
     job_id = srv.start_sleeper(60)

@@ -8,10 +8,11 @@ simply broken.
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
-from conftest import ROOT, alive, descendants, eventually, proc_stat
+from conftest import ROOT, Server, alive, descendants, eventually, proc_stat
 
 PROBE = os.path.join(os.path.dirname(__file__), "probes", "escape.py")
 
@@ -249,7 +250,6 @@ def test_runner_death_kills_its_jobs_and_health_follows(server):
     ({"SANDRUN_UNPACKED_MAX_BYTES": str(200 * 1024 * 1024)}, "exceeds"),
 ])
 def test_server_refuses_to_start_when_it_cannot_jail_safely(env, words):
-    from conftest import Server
 
     srv = Server(env, "refuse")
     with pytest.raises(AssertionError, match=words):
@@ -258,7 +258,6 @@ def test_server_refuses_to_start_when_it_cannot_jail_safely(env, words):
 
 
 def test_a_second_server_on_the_same_state_dir_refuses_and_harms_nothing(server):
-    from conftest import Server
 
     doc, _ = server.run("print('kept')")
     second = Server({"SANDRUN_STATE_DIR": server.state_dir}, "second")
@@ -272,7 +271,6 @@ def test_a_second_server_on_the_same_state_dir_refuses_and_harms_nothing(server)
 def test_the_same_state_path_in_another_mount_namespace_never_sweeps_this_servers_jobs(server):
     """A chroot or container may name the same SANDRUN_STATE_DIR: its server is another
     instance, and its start and stop (a `check`) must leave this one's jobs and cgroups alone."""
-    import subprocess
 
     job_id = server.start_sleeper(30)
     jails = descendants(server.runner_pid())
