@@ -98,13 +98,14 @@ class Client:
         return doc["job_id"]
 
     def wait(self, job_id, seconds=60):
-        deadline = time.monotonic() + seconds + 30
-        while time.monotonic() < deadline:
+        """The job's status document once it has ended (each look a long-poll)."""
+
+        def ended():
             status, _, doc = self.json("GET", f"/status/{job_id}?wait=60")
             assert status == 200, (status, doc)
-            if doc["status"] in ("completed", "failed"):
-                return doc
-        raise AssertionError(f"job {job_id} did not finish")
+            return doc if doc["status"] in ("completed", "failed") else None
+
+        return eventually(ended, seconds + 30, f"the end of job {job_id}", interval=0)
 
 
 class Server(Client):
@@ -123,24 +124,26 @@ class Server(Client):
             [os.path.join(ROOT, ".venv/bin/gunicorn"), "-c", "gunicorn.conf.py", "sandrun:app"],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                output = self.output()
+
+        def healthy():
+            assert self.proc.poll() is None, f"the server exited with {self.proc.returncode}"
+            try:
+                return self.request("GET", "/health")[0] == 200
+            except OSError:
+                return False  # not listening yet
+
+        try:
+            eventually(healthy, 30, "the server's health", interval=0.1)
+        except AssertionError as exc:
+            output = self.output()
+            if self.proc.poll() is None:
+                self.stop()
+            else:
                 self.log.close()
                 shutil.rmtree(self.workdir)
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{output}")
-            try:
-                status, _, body = self.request("GET", "/health")
-                if status == 200:
-                    self.cgroup_tag = sandrun.cgroup_tag(os.stat(self.state_dir))  # its tmpfs, mounted by now
-                    return self
-            except OSError:
-                pass  # not listening yet
-            time.sleep(0.1)
-        output = self.output()
-        self.stop()
-        raise AssertionError(f"server did not become healthy:\n{output}")
+            raise AssertionError(f"{exc}:\n{output}") from None
+        self.cgroup_tag = sandrun.cgroup_tag(os.stat(self.state_dir))  # its tmpfs, mounted by now
+        return self
 
     def output(self):
         with open(self.log_path, "rb") as f:
@@ -196,10 +199,12 @@ class Nginx(Client):
             f.write(f"daemon off;\nuser root;\nworker_processes 1;\npid {self.dir}/nginx.pid;\nerror_log {self.dir}/error.log crit;\n"
                     f"events {{ worker_connections 1024; }}\nhttp {{\n{temps}include {self.dir}/site.conf;\n}}\n")
         self.proc = subprocess.Popen([self.BINARY, "-p", self.dir, "-c", f"{self.dir}/nginx.conf"])
-        deadline = time.monotonic() + 10
-        while not self.get("/health")[0] == 200:
-            assert time.monotonic() < deadline and self.proc.poll() is None, "nginx did not come up"
-            time.sleep(0.1)
+
+        def up():
+            assert self.proc.poll() is None, "nginx exited"
+            return self.get("/health")[0] == 200
+
+        eventually(up, 10, "nginx's /health", interval=0.1)
 
     def get(self, path, source="127.0.0.1"):
         """(status, body) of a GET, or (None, b"") if the connection failed."""

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import anyio
 import pytest
@@ -170,16 +169,15 @@ def test_over_streamable_http_with_host_checks(sandrun_server, tmp_path):
         finally:
             conn.close()
 
+    def first_answer():
+        assert proc.poll() is None, log.read_text()
+        try:
+            return post({"Host": "evil.example"})
+        except OSError:
+            return None  # not listening yet
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                status = post({"Host": "evil.example"})
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
-                time.sleep(0.2)
-        assert status == 421  # DNS rebinding protection: a Host it does not serve
+        assert eventually(first_answer, 30, "the MCP server's first answer", interval=0.2) == 421  # a Host it does not serve
         assert post({"Origin": "https://evil.example"}) == 403  # nor a browser page of another origin
 
         async def main():
