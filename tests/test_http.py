@@ -25,6 +25,7 @@ def test_info(server):
     assert set(doc["limits"]) == {"timeout_seconds_max", "memory_mb_max", "cpu_seconds_per_minute",
                                   "concurrent_jobs_per_ip", "jobs_per_hour_per_ip", "upload_bytes_max"}
     assert set(doc["queue"]) == {"queued", "running"}
+    assert doc["node"] == "" and set(doc["languages"]) == set(doc["interpreters"])  # a lone server; its languages (test_data_stack)
 
 
 def test_submit_202_shape_and_location(server):
