@@ -117,8 +117,8 @@ def test_get_root_says_what_a_job_finds(server):
 
 
 def test_packages_are_found_inside_the_jail_under_its_limits():
-    """The host imports pandas; a job held to 40 MiB cannot, so a server with that cap does not offer it."""
-    small = Server({**SUITE_ENV, "SANDRUN_JOB_MEMORY_MAX_BYTES": str(40 * sandrun.MiB)}, "small-memory").start()
+    """The host imports pandas; a job held to 32 MiB cannot, so a server with that cap does not offer it."""
+    small = Server({**SUITE_ENV, "SANDRUN_JOB_MEMORY_MAX_BYTES": str(32 * sandrun.MiB)}, "small-memory").start()
     try:
         packages = small.json("GET", "/")[2]["languages"]["python3"]["packages"]
         assert "PIL" in packages and "pandas" not in packages, packages
