@@ -142,15 +142,21 @@ def _setting(name):
     lower case> (how a booted image is configured without changing its disk); else None."""
     raw = os.environ.get("SANDRUN_" + name)
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if raw is None and credentials:
-        try:
-            with open(os.path.join(credentials, "sandrun." + name.lower()), "rb") as f:
-                raw = f.read(4 * KiB).decode().strip()
-        except FileNotFoundError:
-            pass
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SettingsError(f"credential sandrun.{name.lower()}: {exc}") from None
-    return raw
+    if raw is not None or not credentials:
+        return raw
+    try:
+        with open(os.path.join(credentials, "sandrun." + name.lower()), "rb") as f:
+            data = f.read(4 * KiB + 1)
+    except FileNotFoundError:
+        return None  # no such credential: the setting keeps its default
+    except OSError as exc:
+        raise SettingsError(f"credential sandrun.{name.lower()}: {exc}") from None
+    if len(data) > 4 * KiB:
+        raise SettingsError(f"credential sandrun.{name.lower()} is over {4 * KiB} bytes")  # never cut to a shorter value
+    try:
+        return data.decode().strip()
+    except UnicodeDecodeError:
+        raise SettingsError(f"credential sandrun.{name.lower()} is not UTF-8") from None
 
 
 def _env_int(name, default, low, high):

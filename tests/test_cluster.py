@@ -177,3 +177,6 @@ def test_settings_come_from_systemd_credentials_when_the_environment_lacks_them(
         assert node_of(server.submit_code("print(1)")["job_id"]) == "cred"
     finally:
         server.stop()
+    (creds / "sandrun.node").write_text("a" * 5000)  # refused whole, never cut to a shorter value
+    with pytest.raises(AssertionError, match="credential sandrun.node is over 4096 bytes"):
+        Server({**env, "CREDENTIALS_DIRECTORY": str(creds)}, "credentials-long").start()
